@@ -1,0 +1,182 @@
+"""Configuration: one dataclass for the generator, one for a fit, and the named presets.
+
+The presets come from the original Deep Image Prior notebooks (Ulyanov et al., CVPR 2018,
+github.com/DmitryUlyanov/deep-image-prior): denoising.ipynb (F16 and snail),
+super-resolution.ipynb, inpainting.ipynb (kate, vase) and restoration.ipynb (barbara).
+Every result's JSON carries the full config it was fitted with (``asdict(FitConfig)``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, asdict
+
+TASKS = ("denoise", "jpeg", "inpaint", "sr")
+SR_FACTORS = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """The original 'skip' encoder-decoder (models/skip.py)."""
+
+    input_depth: int = 32
+    channels_down: tuple[int, ...] = (128, 128, 128, 128, 128)
+    channels_up: tuple[int, ...] = (128, 128, 128, 128, 128)
+    channels_skip: tuple[int, ...] = (4, 4, 4, 4, 4)
+    filter_down: int = 3
+    filter_up: int = 3
+    filter_skip: int = 1
+    upsample: str = "bilinear"  # or "nearest"
+    need1x1_up: bool = True
+    negative_slope: float = 0.2
+    out_channels: int = 3  # set from the image at fit time
+
+    def __post_init__(self):
+        n = len(self.channels_down)
+        if not (len(self.channels_up) == len(self.channels_skip) == n) or n == 0:
+            raise ValueError("channels_down, channels_up and channels_skip need the same non-zero length")
+        if self.upsample not in ("bilinear", "nearest"):
+            raise ValueError(f"upsample must be 'bilinear' or 'nearest', not {self.upsample!r}")
+        for k in (self.filter_down, self.filter_up, self.filter_skip):
+            if k % 2 != 1:
+                raise ValueError("filter sizes must be odd")
+
+    @property
+    def scales(self) -> int:
+        return len(self.channels_down)
+
+    @property
+    def multiple(self) -> int:
+        """The canvas side must be a multiple of this (one stride-2 conv per scale)."""
+        return 2 ** self.scales
+
+    def with_channels(self, out_channels: int) -> "NetConfig":
+        return dataclasses.replace(self, out_channels=out_channels)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything that decides a fit, apart from the image itself."""
+
+    preset: str = "denoise"
+    task: str = "denoise"
+    net: NetConfig = field(default_factory=NetConfig)
+    input_kind: str = "noise"  # "noise" (uniform x input_scale) or "meshgrid" (needs input_depth 2)
+    input_scale: float = 0.1
+    lr: float = 0.01
+    steps: int = 3000
+    reg_noise_std: float = 1.0 / 30.0
+    ema: float = 0.99  # exponential average of the outputs (or of the weights, see `output`)
+    # What the result is: "ema" = average of outputs (the paper's), "weights_ema" = the generator
+    # with averaged weights evaluated at z (exactly what its ONNX export renders), "last" = the last
+    # output of the generator at z.
+    output: str = "weights_ema"
+    divergence_db: float = 5.0  # restore the last good weights when the loss PSNR drops by more
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    scale: int = 1  # super-resolution factor
+    seed: int = 0
+    precision: str = "fp32"  # "fp32" | "tf32" | "bf16" (autocast, fp32 master weights)
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, not {self.task!r}")
+        if self.task == "sr" and self.scale not in SR_FACTORS:
+            raise ValueError(f"super-resolution scale must be one of {SR_FACTORS}, not {self.scale}")
+        if self.task != "sr" and self.scale != 1:
+            raise ValueError(f"--scale only applies to super-resolution (task {self.task!r})")
+        if self.input_kind not in ("noise", "meshgrid"):
+            raise ValueError(f"input_kind must be 'noise' or 'meshgrid', not {self.input_kind!r}")
+        if self.input_kind == "meshgrid" and self.net.input_depth != 2:
+            raise ValueError("a meshgrid input needs input_depth 2")
+        if self.output not in ("ema", "weights_ema", "last"):
+            raise ValueError(f"output must be 'ema', 'weights_ema' or 'last', not {self.output!r}")
+        if self.precision not in ("fp32", "tf32", "bf16"):
+            raise ValueError(f"precision must be fp32, tf32 or bf16, not {self.precision!r}")
+        if self.steps < 1:
+            raise ValueError("steps must be at least 1")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError("ema must be in [0, 1)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FitConfig":
+        d = dict(d)
+        net = d.pop("net", {})
+        net = NetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in net.items()})
+        if "adam_betas" in d:
+            d["adam_betas"] = tuple(d["adam_betas"])
+        return cls(net=net, **d)
+
+    def replace(self, **kw) -> "FitConfig":
+        return dataclasses.replace(self, **kw)
+
+
+_F16_NET = NetConfig()  # get_net(32, 'skip', skip_n33d=128, skip_n33u=128, skip_n11=4, num_scales=5, bilinear)
+
+PRESETS: dict[str, FitConfig] = {
+    # denoising.ipynb, F16: 3000 steps, lr 0.01, reg noise 1/30.
+    "denoise": FitConfig(preset="denoise", task="denoise", net=_F16_NET, lr=0.01, steps=3000,
+                         reg_noise_std=1 / 30),
+    # denoising.ipynb, snail.jpg (real JPEG artifacts): a light net with a 3-channel input, 2400 steps.
+    "jpeg": FitConfig(preset="jpeg", task="jpeg",
+                      net=NetConfig(input_depth=3, channels_down=(8, 16, 32, 64, 128),
+                                    channels_up=(8, 16, 32, 64, 128), channels_skip=(0, 0, 0, 4, 4)),
+                      lr=0.01, steps=2400, reg_noise_std=1 / 30),
+    # inpainting.ipynb, kate.png: 128-channel skips, nearest upsampling, 6000 steps.
+    "inpaint": FitConfig(preset="inpaint", task="inpaint",
+                         net=NetConfig(channels_skip=(128,) * 5, upsample="nearest"),
+                         lr=0.01, steps=6000, reg_noise_std=0.03),
+    # inpainting.ipynb, vase.png (object removal): meshgrid input, no skips.
+    "inpaint-object": FitConfig(preset="inpaint-object", task="inpaint",
+                                net=NetConfig(input_depth=2, channels_skip=(0,) * 5, upsample="nearest"),
+                                input_kind="meshgrid", lr=0.01, steps=5000, reg_noise_std=0.03),
+    # restoration.ipynb, barbara with 50% of the pixels missing: F16 net, lr 0.001, 11000 steps.
+    "inpaint-sparse": FitConfig(preset="inpaint-sparse", task="inpaint", net=_F16_NET,
+                                lr=0.001, steps=11000, reg_noise_std=0.03),
+    # super-resolution.ipynb: x4 = 2000 steps, reg 0.03; x8 = 4000 steps, reg 0.05.
+    # x2 was not in the paper; it uses the x4 settings.
+    "sr2": FitConfig(preset="sr2", task="sr", scale=2, net=_F16_NET, lr=0.01, steps=2000, reg_noise_std=0.03),
+    "sr4": FitConfig(preset="sr4", task="sr", scale=4, net=_F16_NET, lr=0.01, steps=2000, reg_noise_std=0.03),
+    "sr8": FitConfig(preset="sr8", task="sr", scale=8, net=_F16_NET, lr=0.01, steps=4000, reg_noise_std=0.05),
+    # Ours: small enough for a 2-core CPU (a 128x128 image in a few minutes). 4 scales of at most 64
+    # channels, about 1/20 of the paper net's arithmetic.
+    "fast": FitConfig(preset="fast", task="denoise",
+                      net=NetConfig(input_depth=16, channels_down=(16, 32, 64, 64),
+                                    channels_up=(16, 32, 64, 64), channels_skip=(4, 4, 4, 4)),
+                      lr=0.01, steps=600, reg_noise_std=1 / 30),
+}
+
+DEFAULT_PRESET = {"denoise": "denoise", "jpeg": "jpeg", "inpaint": "inpaint", "sr": "sr4"}
+
+
+def make_config(task: str = "denoise", preset: str | None = None, scale: int | None = None,
+                **overrides) -> FitConfig:
+    """The config for a task: its default preset (or the named one), with overrides applied.
+
+    ``preset="fast"`` keeps the small network but takes the task (and scale) asked for.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+    if task == "sr":
+        scale = 4 if scale is None else int(scale)
+        if scale not in SR_FACTORS:
+            raise ValueError(f"super-resolution scale must be one of {SR_FACTORS}, not {scale}")
+        name = preset or f"sr{scale}"
+    else:
+        if scale not in (None, 1):
+            raise ValueError(f"--scale only applies to super-resolution (task {task!r})")
+        scale = 1
+        name = preset or DEFAULT_PRESET[task]
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    base = PRESETS[name]
+    if base.task != task and name != "fast":
+        raise ValueError(f"preset {name!r} is for task {base.task!r}, not {task!r}")
+    cfg = dataclasses.replace(base, task=task, scale=scale)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    net_over = overrides.pop("net", None)
+    if net_over:
+        cfg = dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, **net_over))
+    return dataclasses.replace(cfg, **overrides)

@@ -1,0 +1,390 @@
+"""The one fitting loop: B independent DIP fits stepped together, with continuous batching.
+
+Every image that dip restores goes through :class:`BatchedFitter`, alone (B=1) or in a batch.
+Per step, for every occupied slot s:
+
+    z_s' = z_s + reg_noise_std * n_s            (n_s ~ N(0, 1) from slot s's own generator)
+    x_s  = G_s(z_s')                            (one grouped forward for all slots)
+    L_s  = sum(M_s * (A x_s - y_s)^2) / (C * sum(M_s))
+    backward of sum_s L_s                       (slots share no weights, so each gets its own gradient)
+    divergence: if L_s rose by more than divergence_db since the last good step, slot s's step is
+                dropped and its last good weights are restored; else those weights are remembered
+    Adam with a per-slot step count (a refilled slot restarts at step 1)
+    averages: out_ema_s (outputs) or w_ema_s (weights), each slot from its own first step
+
+Nothing in a step waits for the host: per-slot scalars live on the device and are expanded to the
+flat weight layout there. The host only looks at a slot when its step budget is spent (known on the
+host) or every ``check_every`` steps when a stopping rule is active.
+
+A finished slot is refilled from the queue at once, so the batch stays full.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from pipeline.config import FitConfig
+from pipeline.generator import SkipGenerator, make_input
+
+log = logging.getLogger("dip.engine")
+
+
+@dataclass
+class FitItem:
+    """One fitting problem in canvas coordinates (see pipeline.api.prepare).
+
+    target: (C, h, w) float32 measurements on the measurement canvas (low-res for SR).
+    mask:   (1, h, w) float32, 1 where a measurement is known (also 0 on the padding).
+    reference: optional (C, H, W) clean image on the output canvas, for PSNR traces only.
+    """
+
+    key: object
+    target: np.ndarray
+    mask: np.ndarray
+    seed: int = 0
+    reference: np.ndarray | None = None
+    ref_mask: np.ndarray | None = None  # (1, H, W): where the reference counts (the un-padded region)
+    steps: int | None = None  # per-item step budget (default: the config's)
+
+
+@dataclass
+class FitResult:
+    key: object
+    image: np.ndarray  # (C, H, W) float32 in [0, 1] on the output canvas
+    steps: int
+    seed: int
+    loss: np.ndarray  # per-step data-term loss
+    restores: int  # how many times divergence recovery restored the last good weights
+    seconds: float  # wall time while the slot was occupied (shared with the other slots)
+    weights: torch.Tensor | None = None  # the flat weights of the rendered generator (CPU), for export
+    z: torch.Tensor | None = None  # (depth, H, W) the fixed input
+    psnr_trace: list = field(default_factory=list)  # [(step, psnr vs reference)] when a reference was given
+    stop_reason: str = "steps"
+    extra: dict = field(default_factory=dict)
+
+
+def data_term(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, factor: int,
+              use_kernels: bool | None = None) -> torch.Tensor:
+    """Per-slot masked data term (B,). Fused CUDA kernels on CUDA (kernels/), torch elsewhere."""
+    from kernels import dispatch
+    return dispatch.data_term(out, target, mask, factor, use_kernels=use_kernels)
+
+
+class BatchedFitter:
+    """B slots of one architecture on one canvas. Call :meth:`run` with any number of items."""
+
+    def __init__(self, cfg: FitConfig, canvas: tuple[int, int], channels: int, slots: int,
+                 device: str | torch.device = "cpu", use_kernels: bool | None = None,
+                 stopper_factory: Callable[[], object] | None = None, check_every: int = 50,
+                 keep_weights: bool = False, trace_every: int = 0):
+        self.cfg = cfg
+        self.H, self.W = canvas
+        m = cfg.net.multiple
+        if self.H % m or self.W % m:
+            raise ValueError(f"canvas {self.H}x{self.W} is not a multiple of {m}")
+        f = cfg.scale if cfg.task == "sr" else 1
+        self.factor = f
+        self.h, self.w = self.H // f, self.W // f
+        self.C = channels
+        self.B = slots
+        self.device = torch.device(device)
+        self.use_kernels = use_kernels
+        self.stopper_factory = stopper_factory
+        self.check_every = max(1, check_every)
+        self.keep_weights = keep_weights
+        self.trace_every = trace_every
+        net = cfg.net.with_channels(channels)
+        self.G = SkipGenerator(net, slots, self.device)
+        dev, B, D = self.device, slots, net.input_depth
+        self.z = torch.zeros(1, B * D, self.H, self.W, device=dev)
+        self.noise = torch.zeros_like(self.z)
+        self.target = torch.zeros(B, channels, self.h, self.w, device=dev)
+        self.mask = torch.zeros(B, 1, self.h, self.w, device=dev)
+        n = self.G.flat.numel()
+        self.m = torch.zeros(n, device=dev)
+        self.v = torch.zeros(n, device=dev)
+        self.good = torch.zeros(n, device=dev)  # last good weights (divergence recovery)
+        self.w_ema = torch.zeros(n, device=dev) if cfg.output == "weights_ema" else None
+        self.out_ema = torch.zeros(B, channels, self.H, self.W, device=dev) if cfg.output == "ema" else None
+        self.t = torch.zeros(B, device=dev)  # per-slot step count (float, for bias corrections)
+        self.active = torch.zeros(B, device=dev)
+        self.lr = torch.zeros(B, device=dev)
+        self.last_good = torch.full((B,), math.inf, device=dev)
+        self.restores = torch.zeros(B, device=dev)
+        self.cap = 0
+        self.hist = torch.zeros(B, 1, device=dev)
+        self.gens: list[torch.Generator | None] = [None] * B
+        self.items: list[FitItem | None] = [None] * B
+        self.steps_done = [0] * B
+        self.budget = [0] * B
+        self.started = [0.0] * B
+        self.stoppers: list[object | None] = [None] * B
+        self.traces: list[list] = [[] for _ in range(B)]
+        self.ref = None
+        self.ref_mask = None
+        self.jump = 10.0 ** (cfg.divergence_db / 10.0)
+        self.autocast = (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+                         if cfg.precision == "bf16" else contextlib.nullcontext())
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            allow = cfg.precision != "fp32"
+            torch.backends.cudnn.allow_tf32 = allow
+            torch.backends.cuda.matmul.allow_tf32 = allow
+
+    # ---- slots ----------------------------------------------------------------------------------
+    def _ensure_hist(self, steps: int) -> None:
+        if steps > self.cap:
+            cap = max(steps, 2 * self.cap)
+            h = torch.zeros(self.B, cap, device=self.device)
+            h[:, :self.cap] = self.hist[:, :self.cap]
+            self.hist, self.cap = h, cap
+
+    def load(self, s: int, item: FitItem) -> None:
+        cfg, dev = self.cfg, self.device
+        C, h, w = item.target.shape
+        if (C, h, w) != (self.C, self.h, self.w):
+            raise ValueError(f"item {item.key!r}: target {item.target.shape} does not fit the canvas "
+                             f"{(self.C, self.h, self.w)}")
+        D = cfg.net.input_depth
+        self.G.init_slot(s, item.seed)
+        flat_slots = self.G.expand(torch.nn.functional.one_hot(torch.tensor(s, device=dev), self.B).float()) > 0
+        with torch.no_grad():
+            self.m[flat_slots] = 0
+            self.v[flat_slots] = 0
+            self.good[flat_slots] = self.G.flat[flat_slots]
+            if self.w_ema is not None:
+                self.w_ema[flat_slots] = self.G.flat[flat_slots]
+            z = make_input(cfg.input_kind, D, self.H, self.W, item.seed, cfg.input_scale)
+            self.z[0, s * D:(s + 1) * D] = z.to(dev)
+            self.target[s] = torch.from_numpy(item.target).to(dev)
+            self.mask[s] = torch.from_numpy(item.mask).to(dev)
+            if item.reference is not None:
+                if self.ref is None:
+                    self.ref = torch.zeros(self.B, self.C, self.H, self.W, device=dev)
+                    self.ref_mask = torch.zeros(self.B, 1, self.H, self.W, device=dev)
+                self.ref[s] = torch.from_numpy(item.reference).to(dev)
+                rm = item.ref_mask if item.ref_mask is not None else np.ones((1, self.H, self.W), np.float32)
+                self.ref_mask[s] = torch.from_numpy(rm).to(dev)
+        self.t[s] = 0
+        self.active[s] = 1
+        self.lr[s] = cfg.lr
+        self.last_good[s] = math.inf
+        self.restores[s] = 0
+        g = torch.Generator(device=dev)
+        g.manual_seed(int(item.seed) + 1)
+        self.gens[s] = g
+        self.items[s] = item
+        self.steps_done[s] = 0
+        self.budget[s] = int(item.steps or cfg.steps)
+        self._ensure_hist(self.budget[s])
+        self.started[s] = time.perf_counter()
+        self.stoppers[s] = self.stopper_factory() if self.stopper_factory else None
+        self.traces[s] = []
+
+    def unload(self, s: int) -> None:
+        self.items[s] = None
+        self.active[s] = 0
+        self.lr[s] = 0
+
+    # ---- the step -------------------------------------------------------------------------------
+    def step(self) -> torch.Tensor:
+        cfg, G, B = self.cfg, self.G, self.B
+        D = cfg.net.input_depth
+        if cfg.reg_noise_std > 0:
+            for s in range(B):
+                if self.items[s] is not None:
+                    self.noise[0, s * D:(s + 1) * D].normal_(generator=self.gens[s])
+            zin = self.z + cfg.reg_noise_std * self.noise
+        else:
+            zin = self.z
+        G.flat_grad.zero_()
+        with self.autocast:
+            out = G(zin)
+        out = out.float()
+        loss = data_term(out, self.target, self.mask, self.factor, self.use_kernels)  # (B,)
+        (loss * self.active).sum().backward()
+        with torch.no_grad():
+            det = loss.detach()
+            bad = ~(det <= self.last_good * self.jump) & (self.active > 0)  # NaN counts as diverged
+            ok = ~bad
+            okx = G.expand(ok.float()) > 0
+            # remember the weights that gave this (good) loss; drop the step of a diverged slot
+            torch.where(okx, G.flat, self.good, out=self.good)
+            G.flat_grad.mul_(okx)
+            self.last_good = torch.where(ok & (self.active > 0), det, self.last_good)
+            self.restores += bad.float()
+            # Adam, per-slot step counts
+            b1, b2 = cfg.adam_betas
+            self.t += self.active
+            tt = self.t.clamp_min(1)
+            step_size = self.lr / (1 - b1 ** tt)
+            inv_bc2 = 1.0 / torch.sqrt(1 - b2 ** tt)
+            g = G.flat_grad
+            self.m.mul_(b1).add_(g, alpha=1 - b1)
+            self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (self.v.sqrt() * G.expand(inv_bc2)).add_(cfg.adam_eps)
+            G.flat.addcdiv_(self.m * G.expand(-step_size), denom)
+            torch.where(okx, G.flat, self.good, out=G.flat)
+            # averages, each slot from its own first step
+            first = (self.t <= 1).float()
+            wgt = torch.where(first > 0, torch.zeros_like(first), torch.full_like(first, cfg.ema))
+            if self.w_ema is not None:
+                we = G.expand(wgt)
+                self.w_ema.mul_(we).add_(G.flat * (1 - we))
+            if self.out_ema is not None:
+                wo = wgt.view(B, 1, 1, 1)
+                self.out_ema.mul_(wo).add_(out.detach() * (1 - wo))
+            idx = (self.t - 1).clamp_min(0).long().clamp_max(self.cap - 1)
+            self.hist.scatter_(1, idx.view(B, 1), det.view(B, 1))
+        return det
+
+    @torch.no_grad()
+    def render(self, slots: list[int] | None = None) -> torch.Tensor:
+        """The result image of every slot, (B, C, H, W), as the config's ``output`` defines it."""
+        if self.cfg.output == "ema":
+            return self.out_ema.clone()
+        weights = self.w_ema if self.cfg.output == "weights_ema" else None
+        with self.autocast:
+            return self.G(self.z, weights=weights).float()
+
+    def result_weights(self, s: int) -> torch.Tensor:
+        src = self.w_ema if self.cfg.output == "weights_ema" else self.G.flat
+        return self.G.get_slot(s, src).cpu()
+
+    def _trace(self, s_list, step_of) -> None:
+        if self.ref is None:
+            return
+        img = self.render()
+        err = ((img - self.ref) ** 2 * self.ref_mask).flatten(1).sum(1) / (self.ref_mask.flatten(1).sum(1) * self.C).clamp_min(1)
+        psnr = (-10 * torch.log10(err.clamp_min(1e-12))).cpu().tolist()
+        for s in s_list:
+            if self.items[s] is not None and self.items[s].reference is not None:
+                self.traces[s].append((step_of[s], psnr[s]))
+
+    def _finish(self, s: int, reason: str, images: torch.Tensor | None) -> FitResult:
+        item = self.items[s]
+        n = self.steps_done[s]
+        img = (images if images is not None else self.render())[s].cpu().numpy()
+        res = FitResult(key=item.key, image=img, steps=n, seed=item.seed,
+                        loss=self.hist[s, :n].cpu().numpy().copy(), restores=int(self.restores[s].item()),
+                        seconds=time.perf_counter() - self.started[s], stop_reason=reason,
+                        psnr_trace=list(self.traces[s]))
+        if self.keep_weights:
+            res.weights = self.result_weights(s)
+            D = self.cfg.net.input_depth
+            res.z = self.z[0, s * D:(s + 1) * D].cpu().clone()
+        st = self.stoppers[s]
+        if st is not None and hasattr(st, "summary"):
+            res.extra["stopping"] = st.summary()
+        self.unload(s)
+        return res
+
+    # ---- continuous batching --------------------------------------------------------------------
+    def run(self, items: Iterable[FitItem], progress: Callable[[int], None] | None = None) -> list[FitResult]:
+        return list(self.iter_run(items, progress))
+
+    def iter_run(self, items: Iterable[FitItem], progress: Callable[[int], None] | None = None):
+        """Fit every item, yielding each result as it finishes; finished slots are refilled at once."""
+        queue = iter(items)
+        exhausted = False
+
+        def refill():
+            nonlocal exhausted
+            for s in range(self.B):
+                if self.items[s] is None and not exhausted:
+                    nxt = next(queue, None)
+                    if nxt is None:
+                        exhausted = True
+                        return
+                    self.load(s, nxt)
+
+        refill()
+        while any(it is not None for it in self.items):
+            loss = self.step()
+            for s in range(self.B):
+                if self.items[s] is not None:
+                    self.steps_done[s] += 1
+            if progress:
+                progress(sum(1 for it in self.items if it is not None))
+            done: list[tuple[int, str]] = []
+            check = self.stopper_factory is not None and any(
+                self.items[s] is not None and self.steps_done[s] % self.check_every == 0 for s in range(self.B))
+            trace = self.trace_every and any(
+                self.items[s] is not None and self.steps_done[s] % self.trace_every == 0 for s in range(self.B))
+            if trace:
+                self._trace([s for s in range(self.B) if self.items[s] is not None
+                             and self.steps_done[s] % self.trace_every == 0], self.steps_done)
+            images = None
+            if check:
+                images = self.render()
+                for s in range(self.B):
+                    st = self.stoppers[s]
+                    if self.items[s] is not None and st is not None and self.steps_done[s] % self.check_every == 0:
+                        if st.update(self.steps_done[s], images[s], self.hist[s, :self.steps_done[s]]):
+                            done.append((s, "auto"))
+            for s in range(self.B):
+                if self.items[s] is not None and self.steps_done[s] >= self.budget[s] and all(d[0] != s for d in done):
+                    done.append((s, "steps"))
+            if done:
+                if images is None:
+                    images = self.render()
+                for s, reason in done:
+                    st = self.stoppers[s]
+                    if reason == "auto" and st is not None and getattr(st, "best_image", None) is not None:
+                        images = images.clone()
+                        images[s] = st.best_image.to(images.device)
+                    yield self._finish(s, reason, images)
+                refill()
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def estimate_slot_bytes(cfg: FitConfig, canvas: tuple[int, int], channels: int, device) -> int:
+    """Measure the peak memory of one slot with a short trial on the device (CUDA only)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return 0
+    torch.cuda.synchronize(dev)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    f = cfg.scale if cfg.task == "sr" else 1
+    fit = BatchedFitter(cfg, canvas, channels, 1, dev)
+    h, w = canvas[0] // f, canvas[1] // f
+    fit.load(0, FitItem("probe", np.zeros((channels, h, w), np.float32), np.ones((1, h, w), np.float32)))
+    fit.step()
+    fit.step()
+    torch.cuda.synchronize(dev)
+    peak = torch.cuda.max_memory_allocated(dev) - base
+    del fit
+    torch.cuda.empty_cache()
+    return int(peak)
+
+
+def auto_slots(cfg: FitConfig, canvas: tuple[int, int], channels: int, device, n_items: int,
+               max_slots: int = 64, margin: float = 0.8) -> int:
+    """How many fits to batch: on CUDA from the free memory and a measured one-slot peak; on CPU 1-4."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return max(1, min(n_items, 4))
+    per = estimate_slot_bytes(cfg, canvas, channels, dev)
+    free, _total = torch.cuda.mem_get_info(dev)
+    n = int(free * margin // max(per, 1))
+    return max(1, min(n, n_items, max_slots))
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()

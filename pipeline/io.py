@@ -1,0 +1,239 @@
+"""Image I/O: the one place images and masks are read and written.
+
+Read: PNG, JPEG, TIFF, BMP, WebP (anything Pillow opens), 8- and 16-bit, grey, grey+alpha, RGB, RGBA.
+EXIF orientation is applied. 16-bit colour PNGs go through pypng and 16-bit TIFFs through tifffile,
+because Pillow reads both as 8-bit. Palette, bilevel and CMYK images are converted to RGB(A)/grey.
+
+Write: always PNG, in the input's layout (grey/RGB, with alpha if it had one) and bit depth, atomically
+(a temporary file in the same folder, then a rename).
+
+Every failure raises :class:`ImageError`, whose message names the file and the reason on one line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Pillow's decompression-bomb guard, set on purpose: images above this many pixels are refused with a
+# clear error before they are decoded (Pillow itself only warns up to twice its default of 89 MP).
+# Override with the DIP_MAX_PIXELS environment variable.
+MAX_PIXELS = int(os.environ.get("DIP_MAX_PIXELS", 150_000_000))
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+MIN_SIDE = 8
+
+
+class ImageError(ValueError):
+    """A bad input file. ``str(e)`` is '<path>: <reason>'."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass
+class ImageData:
+    pixels: np.ndarray  # (H, W, C) float32 in [0, 1], C = 1 (grey) or 3 (RGB)
+    alpha: np.ndarray | None  # (H, W) float32 in [0, 1], passed through unchanged
+    bits: int  # 8 or 16
+    path: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.pixels.shape[0], self.pixels.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return self.pixels.shape[2]
+
+    @property
+    def mode(self) -> str:
+        base = "L" if self.channels == 1 else "RGB"
+        return base + ("A" if self.alpha is not None else "")
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _png_depth(path) -> tuple[int, int] | None:
+    with open(path, "rb") as f:
+        head = f.read(29)
+    if len(head) < 29 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]  # bit depth, colour type
+
+
+def _from_array(arr: np.ndarray, bits: int, path) -> ImageData:
+    scale = 65535.0 if bits == 16 else 255.0
+    a = arr.astype(np.float32) / scale
+    if a.ndim == 2:
+        a = a[:, :, None]
+    c = a.shape[2]
+    if c == 1:
+        return ImageData(a, None, bits, str(path))
+    if c == 2:
+        return ImageData(a[:, :, :1].copy(), a[:, :, 1].copy(), bits, str(path))
+    if c == 3:
+        return ImageData(a, None, bits, str(path))
+    if c == 4:
+        return ImageData(a[:, :, :3].copy(), a[:, :, 3].copy(), bits, str(path))
+    raise ImageError(path, f"unsupported channel count {c}")
+
+
+def _check_size(path, w: int, h: int, max_pixels: int = None) -> None:
+    max_pixels = max_pixels or MAX_PIXELS
+    if w <= 0 or h <= 0:
+        raise ImageError(path, "the image has zero size")
+    if w * h > max_pixels:
+        raise ImageError(path, f"{w}x{h} = {w * h / 1e6:.0f} megapixels is above the decompression-bomb limit of "
+                               f"{max_pixels / 1e6:.0f} MP (set DIP_MAX_PIXELS to raise it)")
+
+
+def load_image(path) -> ImageData:
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(path, "no such file")
+    if path.is_dir():
+        raise ImageError(path, "is a directory, not an image")
+    if path.stat().st_size == 0:
+        raise ImageError(path, "the file is empty (0 bytes)")
+    try:
+        depth = _png_depth(path)
+        if depth is not None and depth[0] == 16 and depth[1] in (2, 4, 6):
+            import png  # pypng
+            r = png.Reader(filename=str(path))
+            w, h, rows, info = r.asDirect()
+            _check_size(path, w, h)
+            planes = info["planes"]
+            arr = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(h, w, planes)
+            return _from_array(arr, 16, path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+            _check_size(path, *im.size)
+            if im.format == "TIFF":
+                bps = im.tag_v2.get(258, (8,))
+                bps = bps if isinstance(bps, tuple) else (bps,)
+                if max(bps) > 8:
+                    import tifffile
+                    arr = tifffile.imread(str(path))
+                    if arr.dtype != np.uint16:
+                        raise ImageError(path, f"unsupported TIFF sample type {arr.dtype}")
+                    if arr.ndim == 3 and arr.shape[0] in (1, 2, 3, 4) and arr.shape[2] not in (1, 2, 3, 4):
+                        arr = np.moveaxis(arr, 0, -1)
+                    return _from_array(arr, 16, path)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image (Pillow cannot identify it)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(path, f"above the decompression-bomb limit ({e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(path, f"unreadable image: {e}") from None
+    mode = im.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        return _from_array(np.asarray(im, dtype=np.uint16), 16, path)
+    if mode == "I":
+        arr = np.asarray(im)
+        if arr.min() < 0 or arr.max() > 65535:
+            raise ImageError(path, "32-bit integer image with values outside 0..65535")
+        return _from_array(arr.astype(np.uint16), 16, path)
+    if mode == "F":
+        raise ImageError(path, "floating-point images are not supported")
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif mode == "1":
+        im = im.convert("L")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        im = im.convert("RGB")
+    elif mode == "PA":
+        im = im.convert("RGBA")
+    elif mode not in ("L", "LA", "RGB", "RGBA"):
+        im = im.convert("RGBA" if "A" in mode else "RGB")
+    return _from_array(np.asarray(im), 8, path)
+
+
+def load_mask(path, shape: tuple[int, int]) -> np.ndarray:
+    """A mask file -> (H, W) float32, 1 = known pixel. Any bright pixel (> half range) counts as known."""
+    data = load_image(path)
+    if data.shape != tuple(shape):
+        raise ImageError(path, f"mask is {data.shape[1]}x{data.shape[0]} but the image is {shape[1]}x{shape[0]}")
+    m = (data.pixels.mean(axis=2) > 0.5).astype(np.float32)
+    if m.sum() == 0:
+        raise ImageError(path, "the mask is all zero: no pixel is known")
+    return m
+
+
+def to_uint(pixels: np.ndarray, bits: int) -> np.ndarray:
+    scale = 65535.0 if bits == 16 else 255.0
+    dt = np.uint16 if bits == 16 else np.uint8
+    return np.clip(np.rint(np.clip(pixels, 0.0, 1.0) * scale), 0, scale).astype(dt)
+
+
+def _atomic_target(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def save_image(path, data: ImageData) -> None:
+    """Write ``data`` as a PNG with its own layout and bit depth, atomically."""
+    path = Path(path)
+    arr = to_uint(data.pixels, data.bits)
+    if data.alpha is not None:
+        arr = np.concatenate([arr, to_uint(data.alpha, data.bits)[:, :, None]], axis=2)
+    if arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    tmp = _atomic_target(path)
+    try:
+        if data.bits == 16 and arr.ndim == 3:
+            import png
+            h, w, c = arr.shape
+            writer = png.Writer(w, h, greyscale=c in (1, 2), alpha=c in (2, 4), bitdepth=16)
+            with open(tmp, "wb") as f:
+                writer.write(f, arr.reshape(h, w * c).tolist())
+        else:
+            Image.fromarray(arr).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path, obj) -> None:
+    """Write JSON atomically."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1, default=_json_default)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
