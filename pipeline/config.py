@@ -75,7 +75,9 @@ class FitConfig:
     adam_eps: float = 1e-8
     scale: int = 1  # super-resolution factor
     seed: int = 0
-    precision: str = "fp32"  # "fp32" | "tf32" | "bf16" (autocast, fp32 master weights)
+    # "tf32" (the original's default: cuDNN convolutions in TF32) | "fp32" | "bf16" (autocast, fp32 master
+    # weights). Only matters on CUDA.
+    precision: str = "tf32"
 
     def __post_init__(self):
         if self.task not in TASKS:

@@ -1,0 +1,137 @@
+"""The `dip` command line. Only argparse is imported here; each command imports what it needs."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+TASKS = ("denoise", "jpeg", "inpaint", "sr")
+PRESET_NAMES = ("denoise", "jpeg", "inpaint", "inpaint-object", "inpaint-sparse", "sr2", "sr4", "sr8", "fast")
+
+
+def _add_restore(sub):
+    p = sub.add_parser("restore", help="restore images with the Deep Image Prior",
+                       description="Restore images: files, directories (recursive) or a manifest (.csv/.jsonl). "
+                                   "Writes OUT/<relative path>/<stem>.png and .json for every input.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, directories, or manifest files")
+    p.add_argument("--task", choices=TASKS, default="denoise")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--mask", metavar="PATH", help="inpainting mask (white = known, black = hole)")
+    p.add_argument("--scale", type=int, choices=(2, 4, 8), help="super-resolution factor (default 4)")
+    p.add_argument("--reference", metavar="PATH", help="clean image: report PSNR/SSIM against it")
+    p.add_argument("--preset", choices=PRESET_NAMES,
+                   help="network and schedule (default: the task's own; 'fast' is small enough for a CPU)")
+    p.add_argument("--steps", type=int, help="number of steps (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto: CUDA when present)")
+    p.add_argument("--glob", default="*", help="file pattern inside directories (default: all image files)")
+    p.add_argument("--slots", type=int, help="fits per batch on one device (default: from free memory)")
+    p.add_argument("--precision", choices=("fp32", "tf32", "bf16"), help="arithmetic (default fp32 on CPU, "
+                                                                          "the fastest that keeps quality on CUDA)")
+    p.add_argument("--output", choices=("ema", "weights_ema", "last"),
+                   help="which image is the result (default weights_ema: what the ONNX export renders)")
+    p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
+    p.add_argument("--address", help="Ray cluster to join (auto | ray://host:port; default: $RAY_ADDRESS or a "
+                                     "local instance)")
+    p.add_argument("--no-export-onnx", dest="export_onnx", action="store_false",
+                   help="do not write <stem>.onnx beside each image")
+    p.add_argument("--onnx-dtype", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--reference-kernels", action="store_true",
+                   help="use the plain torch data terms even on CUDA (for comparison)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_restore)
+
+
+def _run_restore(args) -> int:
+    from pipeline import job
+    return job.main(args)
+
+
+def _add_render(sub):
+    p = sub.add_parser("render", help="re-render restored images from their ONNX files",
+                       description="Render MODEL.onnx (or every .onnx under a job's output DIR) with onnxruntime.")
+    p.add_argument("model", metavar="MODEL.onnx|DIR")
+    p.add_argument("-o", "--output", metavar="OUT.png", help="output image (default: beside the model)")
+    p.add_argument("--provider", choices=("auto", "tensorrt", "cuda", "cpu"), default="auto")
+    p.set_defaults(func=_run_render)
+
+
+def _run_render(args) -> int:
+    from pipeline import render
+    return render.main(args)
+
+
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="benchmarks: speed of the engine, quality against the paper")
+    bs = p.add_subparsers(dest="bench", required=True)
+    s = bs.add_parser("speed", help="one original-equivalent fit against the batched engine")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--size", type=int, help="image side (default 512 on CUDA, 64 on CPU)")
+    s.add_argument("--batch", type=int, help="fits in the batch (default 16 on CUDA, 4 on CPU)")
+    s.add_argument("--steps", type=int, help="timed steps (default 50 on CUDA, 5 on CPU)")
+    s.add_argument("--preset", default=None, help="network (default denoise on CUDA, fast on CPU)")
+    s.add_argument("--precision", default=None, choices=("fp32", "tf32", "bf16"))
+    s.add_argument("--json", metavar="PATH")
+    s.set_defaults(func=_run_bench_speed)
+    q = bs.add_parser("quality", help="PSNR on the paper's benchmark sets")
+    q.add_argument("--suite", choices=("denoise", "sr", "inpaint", "all"), default="all")
+    q.add_argument("--data", default=None, help="folder with the paper sets (default ../shared/data/paper)")
+    q.add_argument("--fast", action="store_true", help="tiny crops and the fast preset: a CPU smoke test")
+    q.add_argument("--limit", type=int, help="at most this many images per suite")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--json", metavar="PATH")
+    q.set_defaults(func=_run_bench_quality)
+
+
+def _run_bench_speed(args) -> int:
+    from pipeline import bench
+    return bench.speed_main(args)
+
+
+def _run_bench_quality(args) -> int:
+    from pipeline import bench_quality
+    return bench_quality.main(args)
+
+
+def _add_report(sub):
+    p = sub.add_parser("report", help="rebuild OUT/report.html from a job's outputs")
+    p.add_argument("out", metavar="OUT")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args) -> int:
+    from pipeline import report
+    return report.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dip", description="Batch image restoration with the Deep Image Prior.")
+    parser.add_argument("--version", action="version", version="dip 0.1.0")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_restore(sub)
+    _add_render(sub)
+    _add_bench(sub)
+    _add_report(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0) if e.code in (0, None) else EXIT_USAGE
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
