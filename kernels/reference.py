@@ -16,6 +16,7 @@ def masked_mse_ref(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor |
     d = (out - target) ** 2
     if mask is None:
         return d.reshape(b, -1).mean(1)
+    mask = mask.expand(b, 1, *mask.shape[2:])  # one mask may serve the whole batch
     num = (d * mask).reshape(b, -1).sum(1)
     den = mask.reshape(b, -1).sum(1) * c
     return num / den.clamp_min(1e-12)
