@@ -111,6 +111,8 @@ class SkipGenerator(nn.Module):
         self.slots = slots
         self.specs = build_specs(net, slots)
         self.per_slot = sum(sp.numel for sp in self.specs)
+        # one grouped convolution for all slots (CUDA), or a loop of per-slot convolutions (CPU)
+        self.grouped = torch.device(device).type != "cpu"
         total = slots * self.per_slot
         device = torch.device(device)
         self.register_buffer("flat", torch.zeros(total, device=device), persistent=False)
@@ -173,6 +175,11 @@ class SkipGenerator(nn.Module):
             k = w.shape[-1]
             if k > 1:
                 x = F.pad(x, ((k - 1) // 2,) * 4, mode="reflect")
+            if B > 1 and not self.grouped:
+                # On the CPU a loop of per-slot convolutions costs the same as one grouped convolution
+                # and rounds exactly like a single fit, so a batched fit equals B single fits bit for bit.
+                xs, ws, bs = x.chunk(B, 1), w.chunk(B, 0), P[f"{name}.b"].chunk(B, 0)
+                return torch.cat([F.conv2d(xs[s], ws[s], bs[s], stride=stride) for s in range(B)], 1)
             return F.conv2d(x, w, P[f"{name}.b"], stride=stride, groups=B)
 
         def bn_act(x, name, act=True):
