@@ -31,10 +31,18 @@ def _add_restore(sub):
     p.add_argument("--precision", choices=("fp32", "tf32", "bf16"), help="arithmetic (default fp32 on CPU, "
                                                                           "the fastest that keeps quality on CUDA)")
     p.add_argument("--output", choices=("ema", "weights_ema", "last"),
-                   help="which image is the result (default weights_ema: what the ONNX export renders)")
+                   help="which image is the result: ema = average of outputs (default, the paper's, best quality); weights_ema = the averaged generator, which the .onnx re-renders exactly; last")
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
     p.add_argument("--address", help="Ray cluster to join (auto | ray://host:port; default: $RAY_ADDRESS or a "
                                      "local instance)")
+    p.add_argument("--actors", type=int, metavar="N",
+                   help="worker actors (default: one per GPU in the cluster; without GPUs, one per 8 cores of "
+                        "each node)")
+    p.add_argument("--max-retries", type=int, default=3, metavar="N",
+                   help="times an image is retried after its worker died or failed (default 3)")
+    p.add_argument("--dashboard-host", metavar="HOST",
+                   help="start the embedded Ray instance with its dashboard bound to HOST (default: no "
+                        "dashboard; 127.0.0.1 keeps it local)")
     p.add_argument("--no-export-onnx", dest="export_onnx", action="store_false",
                    help="do not write <stem>.onnx beside each image")
     p.add_argument("--onnx-dtype", choices=("fp32", "fp16"), default="fp32")
@@ -69,7 +77,7 @@ def _add_bench(sub):
     s = bs.add_parser("speed", help="one original-equivalent fit against the batched engine")
     s.add_argument("--device", default="auto")
     s.add_argument("--size", type=int, help="image side (default 512 on CUDA, 64 on CPU)")
-    s.add_argument("--batch", type=int, help="fits in the batch (default 16 on CUDA, 4 on CPU)")
+    s.add_argument("--batch", help="fits in the batch, or a comma list (default 16 on CUDA, 4 on CPU)")
     s.add_argument("--steps", type=int, help="timed steps (default 50 on CUDA, 5 on CPU)")
     s.add_argument("--preset", default=None, help="network (default denoise on CUDA, fast on CPU)")
     s.add_argument("--precision", default=None, choices=("fp32", "tf32", "bf16"))

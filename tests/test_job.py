@@ -1,0 +1,243 @@
+"""`dip restore` on Ray (in-process, on the session's Ray instance): bad inputs, option conflicts, reruns,
+usage errors, and a worker killed mid-job. Images are tiny and use the 'fast' preset with a few steps."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.cli import main as cli_main
+from pipeline.manifest import MANIFEST_NAME, UsageError, discover, safe_rel
+
+from conftest import write_png
+
+FAST = ["--preset", "fast", "--device", "cpu", "--no-export-onnx", "--quiet"]
+
+
+def restore(*args) -> int:
+    return cli_main(["restore", *map(str, args)])
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / MANIFEST_NAME).read_text())
+
+
+def check_outputs(out: Path, ids: list[str]) -> None:
+    """Every id has exactly one intact PNG and JSON, and no temporary file is left behind."""
+    for key in ids:
+        png, js = out / f"{key}.png", out / f"{key}.json"
+        with Image.open(png) as im:
+            im.load()
+        rec = json.loads(js.read_text())
+        assert rec["job"]["id"] == key
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert not leftovers
+    pngs = sorted(p.relative_to(out).with_suffix("").as_posix() for p in out.rglob("*.png"))
+    assert pngs == sorted(ids)
+
+
+# ---- inputs, no Ray ------------------------------------------------------------------------------------
+def test_discover_dirs_files_and_manifests(tmp_path):
+    src = tmp_path / "in"
+    write_png(src / "a.png")
+    write_png(src / "deep" / "b.png")
+    write_png(src / "deep" / "b_mask.png")
+    (src / "notes.txt").write_text("x")
+    out = tmp_path / "out"
+    write_png(src / "restored" / "old.png")  # under --out: ignored
+    items = discover([str(src)], src / "restored", task="inpaint")
+    assert [i.id for i in items] == ["a", "deep/b"]
+    assert items[1].mask.endswith("b_mask.png")
+
+    (tmp_path / "m.csv").write_text("input,steps,out,task\n"
+                                    "in/a.png,7,,\n"
+                                    "in/deep/b.png,,../../escape,\n"
+                                    "in/a.png,x,,\n"
+                                    "in/a.png,,other,sr\n"
+                                    "in/a.png,,another,paint\n")
+    items = discover([str(tmp_path / "m.csv")], out)
+    assert items[0].id == "in/a" and items[0].options == {"steps": 7} and not items[0].error
+    assert "would escape --out" in items[1].error
+    assert "steps must be an integer" in items[2].error
+    assert items[3].id == "other" and items[3].options == {"task": "sr"}
+    assert "unknown task 'paint'" in items[4].error
+
+    (tmp_path / "m.jsonl").write_text('{"input": "in/a.png", "seed": 3}\n\nnot json\n'
+                                      '{"input": "in/a.png", "stpes": 1}\n{"input": "in/a.png"}\n')
+    items = discover([str(tmp_path / "m.jsonl")], out)
+    assert items[0].options == {"seed": 3} and not items[0].error
+    assert "not valid JSON" in items[1].error
+    assert "unknown column(s) stpes" in items[2].error
+    assert "also the output of" in items[3].error  # same output path as row 1
+
+    with pytest.raises(ValueError):
+        safe_rel(out, "/etc/passwd")
+    with pytest.raises(UsageError):
+        discover([str(tmp_path / "missing")], out)
+    (tmp_path / "bad.csv").write_text("path\nx.png\n")
+    with pytest.raises(UsageError):
+        discover([str(tmp_path / "bad.csv")], out)
+
+
+# ---- exit code 2 -----------------------------------------------------------------------------------------
+def test_usage_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert restore(tmp_path / "empty", "--out", tmp_path / "o", *FAST) == 2
+    assert "no input images found" in capsys.readouterr().err
+    assert restore(tmp_path / "missing", "--out", tmp_path / "o", *FAST) == 2
+    write_png(tmp_path / "x.png")
+    assert restore(tmp_path / "x.png", "--out", tmp_path / "o", "--task", "deblur") == 2  # unknown task
+    (tmp_path / "m.csv").write_text("file\nx.png\n")
+    assert restore(tmp_path / "m.csv", "--out", tmp_path / "o", *FAST) == 2
+    (tmp_path / "afile").write_text("")
+    assert restore(tmp_path / "x.png", "--out", tmp_path / "afile", *FAST) == 2
+
+
+# ---- bad inputs: each reported with its reason, the good ones finish, exit 1 -------------------------
+def test_bad_inputs_are_reported_and_the_rest_finishes(tmp_path, ray_session, capsys):
+    src = tmp_path / "in"
+    write_png(src / "good1.png", seed=1)
+    write_png(src / "sub" / "good2.png", size=(32, 40), seed=2)
+    data = write_png(tmp_path / "full.png", size=(32, 32)).read_bytes()
+    (src / "truncated.png").write_bytes(data[: len(data) // 2])
+    (src / "text.png").write_text("this is not a PNG\n")
+    (src / "zero.png").write_bytes(b"")
+    write_png(src / "tiny.png", size=(1, 1))
+    rows = tmp_path / "rows"
+    write_png(rows / "img.png", size=(32, 32), seed=3)
+    write_png(rows / "img_small_mask.png", size=(16, 16), channels=1)
+    write_png(rows / "ok.png", size=(24, 24), seed=4)
+    (rows / "m.jsonl").write_text(
+        json.dumps({"input": "img.png", "mask": "img_small_mask.png", "task": "inpaint", "out": "masked"}) + "\n" +
+        json.dumps({"input": "ok.png", "out": "rows/ok", "steps": 4}) + "\n" +
+        json.dumps({"input": "ok.png", "out": "../../outside"}) + "\n")
+    out = tmp_path / "out"
+    rc = restore(src, rows / "m.jsonl", "--out", out, "--steps", 3, *FAST)
+    err = capsys.readouterr().err
+    assert rc == 1
+    m = manifest(out)["images"]
+    st = {k: (r["status"], r.get("error") or "") for k, r in m.items()}
+    assert st["good1"][0] == "done" and st["sub/good2"][0] == "done" and st["rows/ok"][0] == "done"
+    assert st["truncated"][0] == "failed" and "truncated.png: unreadable image" in st["truncated"][1]
+    assert st["text"][0] == "failed" and "text.png: not an image" in st["text"][1]
+    assert st["zero"][0] == "failed" and "zero.png: the file is empty" in st["zero"][1]
+    assert st["tiny"][0] == "failed" and "1x1 is too small" in st["tiny"][1]
+    assert st["masked"][0] == "failed" and "mask is 16x16 but the image is 32x32" in st["masked"][1]
+    escaped = [r for k, r in m.items() if "would escape --out" in (r.get("error") or "")]
+    assert len(escaped) == 1 and escaped[0]["status"] == "failed"
+    for name in ("truncated.png", "text.png", "zero.png", "tiny.png", "img_small_mask.png", "would escape"):
+        assert name in err
+    check_outputs(out, ["good1", "sub/good2", "rows/ok"])
+    assert json.loads((out / "rows/ok.json").read_text())["steps"] == 4
+    assert manifest(out)["runs"][-1]["counts"]["failed"] == 6
+
+
+# ---- different options don't overwrite each other unless --overwrite --------------------------------
+def test_rerun_skips_done_and_refuses_other_options(tmp_path, ray_session, capsys):
+    src = tmp_path / "in"
+    for i in range(2):
+        write_png(src / f"p{i}.png", seed=i)
+    out = tmp_path / "out"
+    assert restore(src, "--out", out, "--steps", 3, *FAST) == 0
+    m1 = manifest(out)["images"]
+    before = {k: (out / f"{k}.png").read_bytes() for k in m1}
+    # the same command again: nothing is redone, the records (and timestamps) are kept
+    assert restore(src, "--out", out, "--steps", 3, *FAST) == 0
+    m2 = manifest(out)
+    assert {k: (r["status"], r["finished"], r["run"]) for k, r in m2["images"].items()} == \
+           {k: ("done", r["finished"], 1) for k, r in m1.items()}
+    assert m2["runs"][-1]["counts"]["fitted"] == 0
+    capsys.readouterr()
+    # other options: refused per image, nothing overwritten, exit 1
+    assert restore(src, "--out", out, "--steps", 4, *FAST) == 1
+    err = capsys.readouterr().err
+    assert err.count("exists with different options") >= 2 and "--overwrite" in err
+    assert {k: (out / f"{k}.png").read_bytes() for k in m1} == before
+    assert all(json.loads((out / f"{k}.json").read_text())["steps"] == 3 for k in m1)
+    assert {r["status"] for r in manifest(out)["images"].values()} == {"skipped"}
+    # --overwrite redoes them with the new options
+    assert restore(src, "--out", out, "--steps", 4, "--overwrite", *FAST) == 0
+    assert all(json.loads((out / f"{k}.json").read_text())["steps"] == 4 for k in m1)
+    assert {r["status"] for r in manifest(out)["images"].values()} == {"done"}
+    # a changed input file counts as other options too
+    write_png(src / "p0.png", seed=99)
+    assert restore(src, "--out", out, "--steps", 4, *FAST) == 1
+    assert manifest(out)["images"]["p0"]["status"] == "skipped"
+    assert manifest(out)["images"]["p1"]["status"] == "done"
+
+
+# ---- a worker killed mid-job: the job still completes, every output exactly once ------------------------
+def _fit_workers_of_this_session(ray) -> list[int]:
+    """PIDs of this session's actors that are inside FitWorker.fit (Ray sets the process title)."""
+    from ray._private import ray_constants
+    raylet = ray._private.worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == raylet and cmd.startswith(b"ray::FitWorker.fit"):
+            pids.append(int(d.name))
+    return pids
+
+
+def test_killed_worker_is_replaced_and_job_completes(tmp_path, ray_session):
+    src = tmp_path / "in"
+    ids = [f"k{i}" for i in range(4)]
+    for i, k in enumerate(ids):
+        write_png(src / f"{k}.png", size=(32, 32), seed=i)
+    out = tmp_path / "out"
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer():
+        time.sleep(0.5)
+        while not stop.is_set():
+            pids = _fit_workers_of_this_session(ray_session)
+            if pids:
+                time.sleep(0.1)  # let the 'started' event reach the driver
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.02)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    try:
+        rc = restore(src, "--out", out, "--steps", 15, "--slots", 2, *FAST)
+    finally:
+        stop.set()
+        th.join(5)
+    assert killed, "the job ended before a worker could be killed"
+    assert rc == 0
+    m = manifest(out)["images"]
+    assert {m[k]["status"] for k in ids} == {"done"}
+    assert sum(m[k]["requeued"] for k in ids) >= 1  # the killed batch went back to the queue
+    assert all(m[k]["worker"]["pid"] != killed[0] for k in ids)
+    check_outputs(out, ids)
+
+
+# ---- ONNX export travels back from the actor as bytes ---------------------------------------------------
+def test_onnx_bytes_are_written_by_the_driver(tmp_path, ray_session):
+    pytest.importorskip("pipeline.export")
+    write_png(tmp_path / "one.png", size=(24, 24))
+    out = tmp_path / "out"
+    rc = restore(tmp_path / "one.png", "--out", out, "--steps", 2, "--preset", "fast", "--device", "cpu", "--quiet")
+    rec = manifest(out)["images"]["one"]
+    assert rc == 0, rec
+    js = json.loads((out / "one.json").read_text())
+    if js["job"].get("onnx_error"):
+        pytest.skip(f"ONNX export failed in this environment: {js['job']['onnx_error']}")
+    assert rec["outputs"]["onnx"] == "one.onnx"
+    assert (out / "one.onnx").stat().st_size > 0
