@@ -1,0 +1,82 @@
+"""`dip bench quality --fast`: the quality bench end to end on tiny crops (a CPU smoke test)."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import bench_quality as bq
+from pipeline.cli import main
+
+ROOT = bq.paper_dir(None)
+needs_data = pytest.mark.skipif(not (ROOT / "denoise-color-s25").is_dir(), reason=f"no benchmark data in {ROOT}")
+
+
+def _finite(v):
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+@needs_data
+def test_fast_denoise_end_to_end(tmp_path, capsys):
+    out = tmp_path / "q.json"
+    rc = main(["bench", "quality", "--suite", "denoise", "--fast", "--limit", "2", "--device", "cpu",
+               "--json", str(out)])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert rep["fast"] is True and rep["device"] == "cpu" and set(rep["suites"]) == {"denoise"}
+    s = rep["suites"]["denoise"]
+    assert s["preset"] == "fast" and s["failed"] == 0 and len(s["images"]) == 2
+    for row in s["images"]:
+        assert row["size"] == [bq.FAST_CROP, bq.FAST_CROP]
+        for k in ("auto_psnr", "oracle_psnr", "final_psnr", "auto_step", "oracle_step"):
+            assert _finite(row[k]), (k, row[k])
+        assert row["oracle_psnr"] >= row["final_psnr"] - 0.01  # the oracle sees the final check too
+        assert row["metric_trace"] and all(_finite(p) for _, p, _m in row["metric_trace"])
+        assert len(row["variants"]) == len(bq.VARIANTS)
+        assert row["psnr_trace"] and row["var_trace"]
+        assert row["steps"] == bq.FAST_STEPS
+    for k in ("auto_psnr", "oracle_psnr", "final_psnr"):
+        assert _finite(s["mean"][k])
+    assert s["variants"] and all(_finite(v["mean_last"]) for v in s["variants"])
+    printed = capsys.readouterr().out
+    assert "== denoise" in printed and "mean" in printed
+
+
+@needs_data
+def test_fast_sr_and_inpaint_cases():
+    """The SR and inpainting protocols without fitting: sizes, masks and the bicubic baseline."""
+    sr = bq.load_cases("sr", ROOT, limit=2, crop=64)
+    assert [c.name for c in sr] == ["baby", "bird"]
+    for c in sr:
+        assert c.reference.shape == (64, 64, 3) and c.image.shape == (16, 16, 3)
+        assert _finite(c.baseline) and 15 < c.baseline < 60
+    full = bq.load_cases("sr", ROOT, limit=1)[0]
+    assert full.image.shape[0] * 4 == full.reference.shape[0]
+    inp = bq.load_cases("inpaint", ROOT, limit=2, crop=64)
+    for c in inp:
+        assert c.mask is not None and c.mask.shape == c.image.shape[:2]
+        assert 0.3 < c.mask.mean() < 0.7
+        assert np.all(c.image[c.mask == 0] == 0)
+        assert np.all(c.image[c.mask > 0] == c.reference[c.mask > 0])
+
+
+def test_metrics():
+    ref = torch.rand(3, 20, 20)
+    assert bq.psnr(ref, torch.round(ref * 255) / 255) == 100.0
+    noisy = ref + 0.1
+    p_rgb = bq.psnr(noisy, ref)
+    assert 15 < p_rgb < 25
+    # Y with a border: a constant shift of 0.1 in RGB is 0.1 * (65.481+128.553+24.966)/255 in Y
+    shift = 0.1 * (65.481 + 128.553 + 24.966) / 255
+    flat = torch.full((3, 20, 20), 0.4)
+    assert abs(bq.psnr(flat + 0.1, flat, y_border=4) - (-20 * math.log10(shift))) < 0.2
+    # grey images ignore the Y conversion
+    g = torch.rand(1, 20, 20)
+    assert _finite(bq.psnr(g, g * 0.9, y_border=4))
+
+
+def test_missing_data_is_a_usage_error(tmp_path):
+    assert main(["bench", "quality", "--suite", "sr", "--fast", "--data", str(tmp_path)]) == 2
