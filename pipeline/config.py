@@ -66,10 +66,11 @@ class FitConfig:
     steps: int = 3000
     reg_noise_std: float = 1.0 / 30.0
     ema: float = 0.99  # exponential average of the outputs (or of the weights, see `output`)
-    # What the result is: "ema" = average of outputs (the paper's), "weights_ema" = the generator
-    # with averaged weights evaluated at z (exactly what its ONNX export renders), "last" = the last
-    # output of the generator at z.
-    output: str = "weights_ema"
+    # What the result is: "ema" = the exponential average of the outputs (the paper's; the default:
+    # on F16 at 512^2 it reached 32.58 dB where "weights_ema" reached 31.67, docs/BENCHMARKS.md),
+    # "weights_ema" = the generator with averaged weights evaluated at z (exactly what its ONNX export
+    # renders), "last" = the generator's last output at z.
+    output: str = "ema"
     divergence_db: float = 5.0  # restore the last good weights when the loss PSNR drops by more
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8

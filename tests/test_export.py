@@ -62,7 +62,7 @@ def _levels(a: ImageData, b: ImageData) -> int:
 def rgb(tmp_path_factory):
     """A fitted 37x45 RGB result (not a multiple of 16/32), its PNG and its fp32/fp16 exports."""
     d = tmp_path_factory.mktemp("rgb")
-    res = restore(_smooth(37, 45, 3), preset="fast", steps=int(STEPS), seed=3, keep_weights=True, device="cpu")
+    res = restore(_smooth(37, 45, 3), preset="fast", steps=int(STEPS), seed=3, keep_weights=True, device="cpu", output="weights_ema")
     png, _ = res.save(d, "img")
     m32 = export.export_result(res, d / "img.onnx")
     m16 = export.export_result(res, d / "img16.onnx", dtype="fp16")
@@ -159,7 +159,7 @@ def test_other_architectures_random_weights(net, tmp_path):
 
 def test_sr_x2(tmp_path):
     lr = _smooth(19, 23, 3, seed=1)
-    res = restore(lr, task="sr", scale=2, preset="fast", steps=int(STEPS), keep_weights=True, device="cpu")
+    res = restore(lr, task="sr", scale=2, preset="fast", steps=int(STEPS), keep_weights=True, device="cpu", output="weights_ema")
     png, _ = res.save(tmp_path, "sr")
     path = export.export_result(res, tmp_path / "sr.onnx")
     img, _ = render.render_model(path, "cpu")
@@ -185,8 +185,9 @@ def job(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # for the job's worker processes
     try:
+        # weights_ema: the output whose saved PNG the ONNX file re-renders exactly
         rc = cli.main(["restore", str(src), "--out", str(out), "--preset", "fast", "--steps", STEPS,
-                       "--device", "cpu", "--quiet"])
+                       "--device", "cpu", "--quiet", "--output", "weights_ema"])
     finally:
         for k, v in saved.items():
             if v is None:
