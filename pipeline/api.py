@@ -259,6 +259,10 @@ def fit_problems(problems: Iterable[Problem], device="auto", slots: int | None =
         groups.setdefault(key, []).append(p)
     for (cfg0, C), plist in groups.items():
         cfg = plist[0].cfg
+        group_stopper = stopper_factory
+        if group_stopper is None and cfg.auto_stop:
+            from pipeline.stopping import make_stopper_factory
+            group_stopper = make_stopper_factory(cfg)
         if canvas_policy == "common":
             H = max(p.canvas[0] for p in plist)
             W = max(p.canvas[1] for p in plist)
@@ -281,7 +285,7 @@ def fit_problems(problems: Iterable[Problem], device="auto", slots: int | None =
                 try:
                     fitter = BatchedFitter(cfg, canvas, C, min(n, len(pending)), dev, use_kernels=use_kernels,
                                            keep_weights=keep_weights, trace_every=trace_every,
-                                           stopper_factory=stopper_factory)
+                                           stopper_factory=group_stopper)
                     for fit in fitter.iter_run(items, on_step):
                         i = fit.key
                         done.add(i)

@@ -199,19 +199,6 @@ def _ref_tensor(a: np.ndarray) -> torch.Tensor:
 
 
 # ---- the evaluating stopper -----------------------------------------------------------------------------
-def _calling_item():
-    """The FitItem that BatchedFitter.load is loading (the engine calls the factory with no arguments)."""
-    f = sys._getframe(2)
-    for _ in range(4):
-        if f is None:
-            break
-        it = f.f_locals.get("item")
-        if it is not None and hasattr(it, "reference") and hasattr(it, "target"):
-            return it
-        f = f.f_back
-    return None
-
-
 class EvalStopper:
     """Never stops the fit. Runs ES-WMV alongside (notes where and what it would have stopped with),
     scores every checked image against the reference with the suite's metric (the oracle), and keeps
@@ -292,7 +279,7 @@ def replay_variants(row: dict, stop_cfg, variants=VARIANTS) -> list[dict]:
 
 def eval_factory(stop_config, y_border):
     def factory(item=None):
-        return EvalStopper(stop_config, item if item is not None else _calling_item(), y_border)
+        return EvalStopper(stop_config, item, y_border)
     return factory
 
 

@@ -11,6 +11,18 @@ TASKS = ("denoise", "jpeg", "inpaint", "sr")
 PRESET_NAMES = ("denoise", "jpeg", "inpaint", "inpaint-object", "inpaint-sparse", "sr2", "sr4", "sr8", "fast")
 
 
+def _steps(v: str):
+    if v == "auto":
+        return v
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive number, not {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
 def _add_restore(sub):
     p = sub.add_parser("restore", help="restore images with the Deep Image Prior",
                        description="Restore images: files, directories (recursive) or a manifest (.csv/.jsonl). "
@@ -23,7 +35,9 @@ def _add_restore(sub):
     p.add_argument("--reference", metavar="PATH", help="clean image: report PSNR/SSIM against it")
     p.add_argument("--preset", choices=PRESET_NAMES,
                    help="network and schedule (default: the task's own; 'fast' is small enough for a CPU)")
-    p.add_argument("--steps", type=int, help="number of steps (default: the preset's)")
+    p.add_argument("--steps", type=_steps, default=None,
+                   help="'auto' (default: stop when the windowed variance of the output stops falling, with the "
+                        "preset's step count as the cap) or an exact number of steps")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto: CUDA when present)")
     p.add_argument("--glob", default="*", help="file pattern inside directories (default: all image files)")

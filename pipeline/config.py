@@ -63,7 +63,8 @@ class FitConfig:
     input_kind: str = "noise"  # "noise" (uniform x input_scale) or "meshgrid" (needs input_depth 2)
     input_scale: float = 0.1
     lr: float = 0.01
-    steps: int = 3000
+    steps: int = 3000  # with auto_stop: the hard cap
+    auto_stop: bool = True  # stop without ground truth (pipeline/stopping.py); --steps auto
     reg_noise_std: float = 1.0 / 30.0
     ema: float = 0.99  # exponential average of the outputs (or of the weights, see `output`)
     # What the result is: "ema" = the exponential average of the outputs (the paper's; the default:
@@ -179,6 +180,16 @@ def make_config(task: str = "denoise", preset: str | None = None, scale: int | N
         raise ValueError(f"preset {name!r} is for task {base.task!r}, not {task!r}")
     cfg = dataclasses.replace(base, task=task, scale=scale)
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    steps = overrides.get("steps")
+    if steps == "auto":
+        overrides.pop("steps")
+        overrides["auto_stop"] = True
+    elif steps is not None:
+        try:
+            overrides["steps"] = int(steps)
+        except (TypeError, ValueError):
+            raise ValueError(f"steps must be a positive number or 'auto', not {steps!r}") from None
+        overrides.setdefault("auto_stop", False)  # an explicit step count means: run exactly that many
     net_over = overrides.pop("net", None)
     if net_over:
         cfg = dataclasses.replace(cfg, net=dataclasses.replace(cfg.net, **net_over))

@@ -185,7 +185,7 @@ class BatchedFitter:
         self.budget[s] = int(item.steps or cfg.steps)
         self._ensure_hist(self.budget[s])
         self.started[s] = time.perf_counter()
-        self.stoppers[s] = self.stopper_factory() if self.stopper_factory else None
+        self.stoppers[s] = self.stopper_factory(item) if self.stopper_factory else None
         self.traces[s] = []
 
     def unload(self, s: int) -> None:

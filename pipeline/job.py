@@ -263,6 +263,11 @@ def _start_actor(spec: dict, device: str, args):
 
 def main(args) -> int:
     out = Path(args.out)
+    try:  # the command line's own options must make a valid config (manifest rows are checked per row)
+        config_for(args, "cuda")
+    except ValueError as e:
+        print(f"dip: error: {e}", file=sys.stderr)
+        return 2
     if out.exists() and not out.is_dir():
         print(f"dip: error: --out {out} is not a directory", file=sys.stderr)
         return 2
@@ -637,6 +642,11 @@ class _Driver:
             if started_ray:
                 with contextlib.suppress(Exception):
                     ray.shutdown()
+        try:  # OUT/report.html (pipeline.report); a report failure never fails the job
+            from pipeline import report
+            report.build(self.out)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not write the report %s: %s", self.out / "report.html", _one_line(e))
         if status == "interrupted":
             return 130
         return self._summary()

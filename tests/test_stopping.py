@@ -193,7 +193,7 @@ def test_per_slot_stopping_frees_the_slot_while_others_continue():
     cfg = make_config("denoise", preset="fast", steps=40)
     made = []
 
-    def factory():  # slot 0 gets an early stopper, slot 1 one that never fires, the refill a WMV rule
+    def factory(item=None):  # slot 0 gets an early stopper, slot 1 one that never fires, the refill a WMV rule
         k = len(made)
         st = [_FiresAt(20), _FiresAt(10 ** 9), WMVStopper(StopConfig(window=2, patience=1, min_steps=0,
                                                                      check_every=10))][k]
