@@ -86,9 +86,22 @@ def speed_main(args) -> int:
     base = make_config("denoise", preset=preset)
     precisions = [args.precision] if args.precision else (["tf32", "bf16"] if cuda else ["fp32"])
     rows = []
+    print(f"device {torch.cuda.get_device_name(dev) if cuda else 'cpu'}, preset {preset}, {size}x{size}, "
+          f"{3 * conv_flops(base, size, size) / 1e9:.1f} GFLOP/step/fit")
+    print(f"{'configuration':36s} {'ms/step':>9s} {'fit-steps/s':>12s} {'images/h':>9s} {'x single':>9s} "
+          f"{'TFLOP/s':>8s} {'GiB/fit':>8s}", flush=True)
+
+    def show(r):  # each row as soon as it is measured, so a time box keeps what finished
+        if "error" in r:
+            print(f"{r['label']:36s} {r['error']}", flush=True)
+        else:
+            print(f"{r['label']:36s} {r['step_ms']:9.2f} {r['fit_steps_per_s']:12.1f} {r['images_per_hour']:9.0f} "
+                  f"{r.get('speedup', 1.0):9.2f} {r['tflops']:8.2f} {r['peak_gib_per_fit']:8.2f}", flush=True)
+
     single = time_config(base.replace(precision="tf32" if cuda else "fp32"), size, 1, steps, dev)
     single["label"] = "single fit (original-equivalent)"
     rows.append(single)
+    show(single)
     for prec in precisions:
         for b in batches:
             try:
@@ -99,10 +112,12 @@ def speed_main(args) -> int:
                 if cuda:
                     torch.cuda.empty_cache()
                 rows.append({"label": f"batched {prec} B={b}", "error": "out of memory"})
+                show(rows[-1])
                 continue
             r["label"] = f"batched {prec} B={b}"
             r["speedup"] = round(r["fit_steps_per_s"] / single["fit_steps_per_s"], 2)
             rows.append(r)
+            show(r)
     out = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "preset": preset, "size": size,
            "steps_timed": steps, "preset_steps": base.steps,
            "gflop_per_step_per_fit": round(3 * conv_flops(base, size, size) / 1e9, 1), "rows": rows,
@@ -110,14 +125,5 @@ def speed_main(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
-    print(f"device {out['device']}, preset {preset}, {size}x{size}, {out['gflop_per_step_per_fit']} GFLOP/step/fit")
-    print(f"{'configuration':36s} {'ms/step':>9s} {'fit-steps/s':>12s} {'images/h':>9s} {'x single':>9s} "
-          f"{'TFLOP/s':>8s} {'GiB/fit':>8s}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['label']:36s} {r['error']}")
-            continue
-        print(f"{r['label']:36s} {r['step_ms']:9.2f} {r['fit_steps_per_s']:12.1f} {r['images_per_hour']:9.0f} "
-              f"{r.get('speedup', 1.0):9.2f} {r['tflops']:8.2f} {r['peak_gib_per_fit']:8.2f}")
     sys.stdout.flush()
     return 0
