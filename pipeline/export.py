@@ -57,17 +57,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import FitConfig, NetConfig
-from pipeline.generator import build_specs
+from pipeline.generator import BN_EPS, SkipGenerator, build_specs
 
 FORMAT = "dip-onnx"
 FORMAT_VERSION = 1
 OPSET = 17
 IR_VERSION = 8  # onnxruntime >= 1.10 reads it; onnx 1.23's default (14) is newer than onnxruntime 1.31 reads
-BN_EPS = 1e-5
 
 
 def _pname(name: str) -> str:
@@ -77,8 +75,10 @@ def _pname(name: str) -> str:
 class RenderGenerator(nn.Module):
     """One skip generator (a single slot) with frozen BatchNorm statistics, rendering at its own ``z``.
 
-    Mirrors :meth:`pipeline.generator.SkipGenerator.forward` for ``slots=1``; the parity tests compare
-    the two. ``forward(z)`` with ``z`` of shape (1, D, H, W) returns (1, C, out_h, out_w).
+    The computation is the engine's own :class:`pipeline.generator.SkipGenerator` (``slots=1``): with
+    ``bn_stats`` it records the training-mode statistics at ``z``, with ``bn_frozen`` it renders with them.
+    This module holds the weights and statistics under their spec names for the graph builder.
+    ``forward(z)`` with ``z`` of shape (1, D, H, W) returns (1, C, out_h, out_w).
     """
 
     def __init__(self, net: NetConfig, weights: torch.Tensor, out_shape: tuple[int, int]):
@@ -90,80 +90,35 @@ class RenderGenerator(nn.Module):
         n = sum(sp.numel for sp in self.specs)
         if weights.numel() != n:
             raise ValueError(f"the weights have {weights.numel()} values but the network needs {n}")
+        self.gen = SkipGenerator(net, 1, "cpu")
+        self.gen.set_slot(0, weights)
         i = 0
         for sp in self.specs:
-            self.register_parameter(_pname(sp.name), nn.Parameter(weights[i:i + sp.numel].view(sp.shape).clone(),
-                                                                  requires_grad=False))
+            self.register_buffer(_pname(sp.name), weights[i:i + sp.numel].view(sp.shape).clone())
             i += sp.numel
-        for sp in self.specs:
             if sp.kind == "bn_w":
-                bn = sp.name[:-2]
-                c = sp.shape[0]
-                self.register_buffer(_pname(bn) + "_mean", torch.zeros(c))
-                self.register_buffer(_pname(bn) + "_var", torch.ones(c))
-        self._collect = False
+                self.register_buffer(_pname(sp.name[:-2]) + "_mean", torch.zeros(sp.shape[0]))
+                self.register_buffer(_pname(sp.name[:-2]) + "_var", torch.ones(sp.shape[0]))
 
     def param(self, name: str) -> torch.Tensor:
         return getattr(self, _pname(name))
 
+    def _stats(self) -> dict:
+        return {sp.name[:-2]: (getattr(self, _pname(sp.name[:-2]) + "_mean"), getattr(self, _pname(sp.name[:-2]) + "_var"))
+                for sp in self.specs if sp.kind == "bn_w"}
+
     @torch.no_grad()
     def freeze_statistics(self, z: torch.Tensor) -> None:
         """Set every BN layer's statistics to those of the activations at ``z`` (training-mode BN)."""
-        self._collect = True
-        try:
-            self.forward(z)
-        finally:
-            self._collect = False
+        stats: dict = {}
+        self.gen(z, bn_stats=stats)
+        for name, (mean, var) in stats.items():
+            getattr(self, _pname(name) + "_mean").copy_(mean)
+            getattr(self, _pname(name) + "_var").copy_(var)
 
+    @torch.no_grad()
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        net = self.net
-        slope = net.negative_slope
-
-        def conv(x, name, stride=1):
-            w = self.param(f"{name}.w")
-            k = w.shape[-1]
-            if k > 1:
-                x = F.pad(x, ((k - 1) // 2,) * 4, mode="reflect")
-            return F.conv2d(x, w, self.param(f"{name}.b"), stride=stride)
-
-        def bn_act(x, name, act=True):
-            mean, var = getattr(self, _pname(name) + "_mean"), getattr(self, _pname(name) + "_var")
-            if self._collect:  # exactly what SkipGenerator computes, and remember the statistics
-                mean.copy_(x.mean(dim=(0, 2, 3)))
-                var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
-                x = F.batch_norm(x, None, None, self.param(f"{name}.w"), self.param(f"{name}.b"),
-                                 training=True, momentum=0.0, eps=BN_EPS)
-            else:
-                x = F.batch_norm(x, mean, var, self.param(f"{name}.w"), self.param(f"{name}.b"),
-                                 training=False, momentum=0.0, eps=BN_EPS)
-            return F.leaky_relu(x, slope) if act else x
-
-        def crop(x, h, w):
-            dh, dw = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
-            if x.shape[-2] == h and x.shape[-1] == w:
-                return x
-            return x[..., dh:dh + h, dw:dw + w]
-
-        def level(i, x):
-            d = bn_act(conv(x, f"s{i}.down", stride=2), f"s{i}.down_bn")
-            d = bn_act(conv(d, f"s{i}.down2"), f"s{i}.down2_bn")
-            if i < net.scales - 1:
-                d = level(i + 1, d)
-            if net.upsample == "bilinear":
-                d = F.interpolate(d, scale_factor=2, mode="bilinear", align_corners=False)
-            else:
-                d = F.interpolate(d, scale_factor=2, mode="nearest")
-            if net.channels_skip[i]:
-                s = bn_act(conv(x, f"s{i}.skip"), f"s{i}.skip_bn")
-                h, w = min(s.shape[-2], d.shape[-2]), min(s.shape[-1], d.shape[-1])
-                d = torch.cat([crop(s, h, w), crop(d, h, w)], 1)
-            y = bn_act(d, f"s{i}.cat_bn", act=False)
-            y = bn_act(conv(y, f"s{i}.up"), f"s{i}.up_bn")
-            if net.need1x1_up:
-                y = bn_act(conv(y, f"s{i}.up1x1"), f"s{i}.up1x1_bn")
-            return y
-
-        y = torch.sigmoid(conv(level(0, z), "out"))
+        y = self.gen(z, bn_frozen=self._stats())
         h, w = self.out_shape
         return y[:, :, :h, :w]
 

@@ -28,6 +28,8 @@ from torch import nn
 
 from pipeline.config import NetConfig
 
+BN_EPS = 1e-5
+
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -157,8 +159,14 @@ class SkipGenerator(nn.Module):
         self.set_slot(s, init_slot_vector(self.specs, seed))
 
     # ---- forward --------------------------------------------------------------------------------
-    def forward(self, z: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """``weights``: an alternative flat buffer (e.g. the averaged weights); default the live ones."""
+    def forward(self, z: torch.Tensor, weights: torch.Tensor | None = None, bn_stats: dict | None = None,
+                bn_frozen: dict | None = None) -> torch.Tensor:
+        """``weights``: an alternative flat buffer (e.g. the averaged weights); default the live ones.
+
+        BatchNorm runs in training mode (the statistics of the current activations), as DIP does.
+        ``bn_stats``: a dict that receives each BN layer's (mean, biased variance), per channel.
+        ``bn_frozen``: such a dict; BN then uses these statistics instead (what an export renders).
+        """
         if weights is None:
             P = self._params
         else:
@@ -183,7 +191,14 @@ class SkipGenerator(nn.Module):
             return F.conv2d(x, w, P[f"{name}.b"], stride=stride, groups=B)
 
         def bn_act(x, name, act=True):
-            x = F.batch_norm(x, None, None, P[f"{name}.w"], P[f"{name}.b"], training=True, momentum=0.0, eps=1e-5)
+            if bn_frozen is not None:
+                mean, var = bn_frozen[name]
+                x = F.batch_norm(x, mean, var, P[f"{name}.w"], P[f"{name}.b"], training=False, eps=BN_EPS)
+            else:
+                if bn_stats is not None:
+                    bn_stats[name] = (x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False))
+                x = F.batch_norm(x, None, None, P[f"{name}.w"], P[f"{name}.b"], training=True, momentum=0.0,
+                                 eps=BN_EPS)
             return F.leaky_relu(x, slope) if act else x
 
         def concat(a, b):
