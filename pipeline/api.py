@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -85,16 +84,17 @@ def check_problem(p: Problem) -> None:
                              f"{p.out_shape[1]}x{p.out_shape[0]}x{p.image.channels}")
 
 
-def to_fit_item(p: Problem, key=None, with_reference: bool = False):
+def to_fit_item(p: Problem, key=None, with_reference: bool = False, canvas: tuple[int, int] | None = None):
+    """The engine's view of a problem: measurements and mask on the canvas (default: the problem's own;
+    a larger one for a batch with a common canvas), holes zeroed, padding masked out."""
     from pipeline.engine import FitItem
     check_problem(p)
     f = p.factor
-    H, W = p.canvas
+    H, W = canvas or p.canvas
     hc, wc = H // f, W // f
     h, w = p.image.shape
-    px = p.image.pixels
     known = np.ones((h, w), np.float32) if p.mask is None else p.mask.astype(np.float32)
-    target = px * known[:, :, None]  # holes are zeroed: their content is never seen
+    target = p.image.pixels * known[:, :, None]  # holes are zeroed: their content is never seen
     target = _pad(target, hc, wc).transpose(2, 0, 1)
     mask = np.zeros((1, hc, wc), np.float32)
     mask[0, :h, :w] = known
@@ -278,7 +278,7 @@ def fit_problems(problems: Iterable[Problem], device="auto", slots: int | None =
                 items = []
                 for i, p in enumerate(pending):
                     q = dataclasses.replace(p)
-                    it = _item_on_canvas(q, canvas, i, trace_every > 0)
+                    it = to_fit_item(q, key=i, with_reference=trace_every > 0, canvas=canvas)
                     it.steps = p.cfg.steps
                     items.append(it)
                 done: set[int] = set()
@@ -303,28 +303,6 @@ def fit_problems(problems: Iterable[Problem], device="auto", slots: int | None =
                         if i not in done:
                             yield p, e
                     pending = []
-
-
-def _item_on_canvas(p: Problem, canvas, key, with_reference):
-    """Like to_fit_item, but on a given (possibly larger) canvas."""
-    f = p.factor
-    H, W = canvas
-    it = to_fit_item(dataclasses.replace(p), key=key, with_reference=with_reference)
-    hc, wc = H // f, W // f
-    if it.target.shape[1:] != (hc, wc):
-        h, w = p.image.shape
-        known = np.ones((h, w), np.float32) if p.mask is None else p.mask
-        t = _pad(p.image.pixels * known[:, :, None], hc, wc).transpose(2, 0, 1)
-        m = np.zeros((1, hc, wc), np.float32)
-        m[0, :h, :w] = known
-        it.target, it.mask = np.ascontiguousarray(t, dtype=np.float32), m
-        if it.reference is not None:
-            Hh, Ww = p.out_shape
-            it.reference = np.ascontiguousarray(_pad(p.reference.pixels, H, W).transpose(2, 0, 1), dtype=np.float32)
-            rm = np.zeros((1, H, W), np.float32)
-            rm[0, :Hh, :Ww] = 1
-            it.ref_mask = rm
-    return it
 
 
 def restore(image, task: str = "denoise", *, mask=None, reference=None, preset: str | None = None,

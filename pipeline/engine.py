@@ -307,7 +307,7 @@ class BatchedFitter:
 
         refill()
         while any(it is not None for it in self.items):
-            loss = self.step()
+            self.step()
             for s in range(self.B):
                 if self.items[s] is not None:
                     self.steps_done[s] += 1

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.api import make_problem, restore, fit_problems, to_fit_item
+from pipeline.api import make_problem, restore, to_fit_item
 from pipeline.cli import main as cli_main
 from pipeline.config import PRESETS, make_config
 from pipeline.engine import BatchedFitter
@@ -164,8 +164,7 @@ def test_batched_equals_single_fits_with_mixed_sizes_and_a_divergence():
     imgs = [noisy(f16_crop(0, 0, 40, 40)), noisy(f16_crop(50, 60, 64, 50)), noisy(f16_crop(100, 7, 33, 61))]
     probs = [make_problem(im, cfg=cfg, seed=10 + i) for i, im in enumerate(imgs)]
     canvas = (64, 64)  # one common canvas: the masks exclude the padding
-    from pipeline.api import _item_on_canvas
-    items = [_item_on_canvas(p, canvas, i, False) for i, p in enumerate(probs)]
+    items = [to_fit_item(p, key=i, canvas=canvas) for i, p in enumerate(probs)]
     batched = BatchedFitter(cfg, canvas, 3, 3, "cpu")
     for s, it in enumerate(items):
         batched.load(s, it)
@@ -338,3 +337,26 @@ def test_help_is_fast_and_imports_no_heavy_modules():
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "restore" in r.stdout
     assert time.time() - t < 2.0
+
+
+def test_cli_mask_and_reference_options_reach_the_fit(tmp_path):
+    # regression: `dip restore IMG --reference REF` (and --mask) were dropped on the way to the actors
+    import json
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    Image.fromarray(img).save(tmp_path / "img.png")
+    Image.fromarray(np.clip(img.astype(int) + 9, 0, 255).astype(np.uint8)).save(tmp_path / "ref.png")
+    mask = np.full((24, 24), 255, np.uint8)
+    mask[8:16, 8:16] = 0
+    Image.fromarray(mask).save(tmp_path / "holes.png")
+    out = tmp_path / "out"
+    rc = cli_main(["restore", str(tmp_path / "img.png"), "--out", str(out), "--task", "inpaint", "--mask",
+                   str(tmp_path / "holes.png"), "--reference", str(tmp_path / "ref.png"), "--steps", "2",
+                   "--device", "cpu", "--quiet", "--no-export-onnx"])
+    assert rc == 0
+    rec = json.loads((out / "img.json").read_text())
+    assert rec["task"] == "inpaint"
+    assert rec["metrics"]["psnr"] > 0 and 0 < rec["metrics"]["ssim"] <= 1
+    man = json.loads((out / "dip-manifest.json").read_text())
+    (entry,) = man["images"].values()
+    assert entry["mask"].endswith("holes.png") and entry["reference"].endswith("ref.png")
