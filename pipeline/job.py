@@ -356,6 +356,12 @@ class _Driver:
             self._set(it.id, input=it.input, status="failed")
             self._fail(it.id, it.error)
             return None
+        # --mask / --reference on the command line apply to every input that its manifest row (or a
+        # <stem>_mask file beside it) does not give one for
+        if it.mask is None and getattr(self.args, "mask", None):
+            it.mask = str(Path(self.args.mask).resolve())
+        if it.reference is None and getattr(self.args, "reference", None):
+            it.reference = str(Path(self.args.reference).resolve())
         prev = dict(self.manifest.get(it.id) or {})
         rec = self._set(it.id, input=it.input, mask=it.mask, reference=it.reference,
                         options={k: it.options.get(k, getattr(self.args, k, None)) for k in
