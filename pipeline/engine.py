@@ -352,8 +352,9 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def estimate_slot_bytes(cfg: FitConfig, canvas: tuple[int, int], channels: int, device) -> int:
-    """Measure the peak memory of one slot with a short trial on the device (CUDA only)."""
+def estimate_slot_bytes(cfg: FitConfig, canvas: tuple[int, int], channels: int, device,
+                        slots: int = 1) -> int:
+    """The peak memory of a batch of ``slots`` fits, measured with two steps on the device (CUDA only)."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return 0
@@ -362,9 +363,10 @@ def estimate_slot_bytes(cfg: FitConfig, canvas: tuple[int, int], channels: int, 
     base = torch.cuda.memory_allocated(dev)
     torch.cuda.reset_peak_memory_stats(dev)
     f = cfg.scale if cfg.task == "sr" else 1
-    fit = BatchedFitter(cfg, canvas, channels, 1, dev)
+    fit = BatchedFitter(cfg, canvas, channels, slots, dev)
     h, w = canvas[0] // f, canvas[1] // f
-    fit.load(0, FitItem("probe", np.zeros((channels, h, w), np.float32), np.ones((1, h, w), np.float32)))
+    for s in range(slots):
+        fit.load(s, FitItem("probe", np.zeros((channels, h, w), np.float32), np.ones((1, h, w), np.float32), seed=s))
     fit.step()
     fit.step()
     torch.cuda.synchronize(dev)
@@ -374,16 +376,30 @@ def estimate_slot_bytes(cfg: FitConfig, canvas: tuple[int, int], channels: int, 
     return int(peak)
 
 
+def slots_for_memory(budget: float, peak1: int, peak2: int, max_slots: int) -> int:
+    """Slots that fit a byte budget, from the measured peaks of 1 and 2 slots.
+
+    The one-slot peak includes what does not grow with the batch (cuDNN's autotuning workspaces, the
+    CUDA context's allocations): it is the difference of the two peaks that each further slot costs.
+    """
+    per = max(peak2 - peak1, peak1 // 8, 1)  # never trust a marginal cost far below the one-slot peak
+    fixed = max(peak1 - per, 0)
+    return int(max(1, min(max_slots, (budget - fixed) // per)))
+
+
 def auto_slots(cfg: FitConfig, canvas: tuple[int, int], channels: int, device, n_items: int,
                max_slots: int = 64, margin: float = 0.8) -> int:
-    """How many fits to batch: on CUDA from the free memory and a measured one-slot peak; on CPU 1-4."""
+    """How many fits to batch: on CUDA from the free memory and the measured peaks of 1 and 2 slots
+    (a safety ``margin`` of the free memory is kept; out-of-memory later halves the batch); 1-4 on a CPU."""
     dev = torch.device(device)
     if dev.type != "cuda":
         return max(1, min(n_items, 4))
-    per = estimate_slot_bytes(cfg, canvas, channels, dev)
+    if n_items <= 1:
+        return 1
+    peak1 = estimate_slot_bytes(cfg, canvas, channels, dev, 1)
+    peak2 = estimate_slot_bytes(cfg, canvas, channels, dev, 2)
     free, _total = torch.cuda.mem_get_info(dev)
-    n = int(free * margin // max(per, 1))
-    return max(1, min(n, n_items, max_slots))
+    return min(n_items, slots_for_memory(free * margin, peak1, peak2, max_slots))
 
 
 def is_oom(exc: BaseException) -> bool:

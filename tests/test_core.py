@@ -360,3 +360,14 @@ def test_cli_mask_and_reference_options_reach_the_fit(tmp_path):
     man = json.loads((out / "dip-manifest.json").read_text())
     (entry,) = man["images"].values()
     assert entry["mask"].endswith("holes.png") and entry["reference"].endswith("ref.png")
+
+
+def test_slots_for_memory_counts_fixed_costs_once():
+    from pipeline.engine import slots_for_memory
+    gib = 2 ** 30
+    # measured on an H100 at 512^2: ~9 GiB for one slot, most of it cuDNN workspace; ~1.6 GiB per slot more
+    assert slots_for_memory(60 * gib, int(9 * gib), int(10.6 * gib), 64) == 32
+    assert slots_for_memory(60 * gib, int(9 * gib), int(10.6 * gib), 8) == 8
+    assert slots_for_memory(1 * gib, int(9 * gib), int(10.6 * gib), 64) == 1  # never below one
+    # a marginal cost far below the one-slot peak is not trusted
+    assert slots_for_memory(80 * gib, 8 * gib, 8 * gib, 64) == 9
