@@ -1,0 +1,299 @@
+"""Tiled fitting (pipeline/tiling.py): the plan, the blend, the driver, the memory budget, the ONNX layout.
+
+CPU only, the fast preset with a smaller net; one torch thread (on a shared 2-core machine two intra-op
+threads made these fits 6x slower).
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import tiling
+from pipeline.api import Problem, Result, make_problem
+from pipeline.io import ImageData, ImageError
+from pipeline.tiling import (
+    TiledResult,
+    choose_tile,
+    estimate_fit_bytes,
+    fit_tiled,
+    merge,
+    needs_tiling,
+    plan_tiles,
+    slots_for,
+    split,
+)
+
+TINY = {"input_depth": 8, "channels_down": (8, 16, 32, 32), "channels_up": (8, 16, 32, 32)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def smooth(h, w, c=3):
+    """Low-frequency gradient + sines; every column spans whole periods in y and every row in x, so the
+    true mean |gradient| is the same at every column / row."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    return np.stack([0.5 + 0.15 * (x / w - 0.5) + 0.25 * np.sin(2 * np.pi * (x / (w / 2) + y / (h / 2)) + ph)
+                     for ph in (0, 1, 2)[:c]], -1).astype(np.float32)
+
+
+def fake_results(layout, tps, image_out):
+    """Tile results whose pixels are exact crops of ``image_out`` (output coordinates)."""
+    out = []
+    for q in tps:
+        t = layout.tiles[q.meta["tile"]]
+        Y0, X0, Y1, X1 = t.out_box
+        img = ImageData(image_out[Y0:Y1, X0:X1].copy(), None, 8)
+        out.append(Result(problem=q, image=img, steps=3, seconds=0.1, loss=[1.0, 0.5, 0.25], restores=0,
+                          stop_reason="steps", device="cpu"))
+    return out
+
+
+# ---- plan and weights ------------------------------------------------------------------------------
+@pytest.mark.parametrize("h,w,tile,overlap,f", [(160, 224, 64, 16, 1), (100, 37, 32, 8, 4), (64, 64, 64, 16, 1),
+                                                (1000, 777, 128, 42, 2), (50, 50, 16, 7, 1), (33, 90, 24, 11, 8)])
+def test_weights_sum_to_one(h, w, tile, overlap, f):
+    tiles = plan_tiles(h, w, tile, overlap, f)
+    S = np.zeros((h * f, w * f))
+    cover = np.zeros((h * f, w * f), int)
+    for t in tiles:
+        Y0, X0, Y1, X1 = t.out_box
+        S[Y0:Y1, X0:X1] += t.weights()
+        cover[Y0:Y1, X0:X1] += 1
+    np.testing.assert_allclose(S, 1.0, atol=1e-6)
+    assert (cover >= 1).all()
+    for t in tiles:  # a pixel covered by one tile only has weight 1
+        Y0, X0, Y1, X1 = t.out_box
+        only = cover[Y0:Y1, X0:X1] == 1
+        np.testing.assert_array_equal(t.weights()[only], 1.0)
+
+
+def test_plan_sr_maps_lr_boxes_exactly():
+    lr = plan_tiles(37, 53, 16, 4, factor=1)
+    for f in (2, 4, 8):
+        hr = plan_tiles(37, 53, 16, 4, factor=f)
+        assert [t.box for t in hr] == [t.box for t in lr]
+        for t in hr:
+            assert t.out_box == tuple(v * f for v in t.box)
+            assert t.out_shape == (t.shape[0] * f, t.shape[1] * f)
+        # the HR boxes cover the HR grid exactly, ending at the borders
+        assert max(t.out_box[2] for t in hr) == 37 * f and max(t.out_box[3] for t in hr) == 53 * f
+    assert all(t.shape == (16, 16) for t in lr)  # every tile full size: the last one is flush with the border
+    with pytest.raises(ValueError):
+        plan_tiles(100, 100, 32, 16)
+
+
+def test_merge_of_exact_crops_is_exact_and_constant_stays_constant():
+    rng = np.random.default_rng(0)
+    lr = rng.random((30, 41, 3)).astype(np.float32)
+    p = make_problem(lr, task="sr", preset="fast", scale=4)
+    hr = rng.random((120, 164, 3)).astype(np.float32)
+    tps, lay = split(p, 16, 5)
+    assert len(tps) == len(lay.tiles) > 4
+    res = merge(lay, reversed(fake_results(lay, tps, hr)))
+    assert res.image.shape == (120, 164)
+    np.testing.assert_allclose(res.image.pixels, hr, atol=2e-6)
+    const = np.full((120, 164, 3), 0.3, np.float32)
+    res = merge(lay, fake_results(lay, tps, const))
+    np.testing.assert_allclose(res.image.pixels, 0.3, atol=1e-6)
+    rec = res.record()
+    assert rec["output_size"] == [164, 120] and rec["tiling"]["factor"] == 4
+    assert all(t["steps"] == 3 and t["stop_reason"] == "steps" for t in rec["tiling"]["tiles"])
+    json.dumps(rec)
+
+
+def test_tile_seeds_are_distinct_and_derived():
+    p = make_problem(np.zeros((40, 40, 3), np.float32), preset="fast", seed=7)
+    tps, _lay = split(p, 16, 4)
+    seeds = [q.seed for q in tps]
+    assert len(set(seeds)) == len(seeds) and seeds == [tiling.tile_seed(7, i) for i in range(len(seeds))]
+    assert seeds != [q.seed for q in split(make_problem(np.zeros((40, 40, 3), np.float32), preset="fast", seed=8),
+                                             16, 4)[0]]
+
+
+# ---- real fits ------------------------------------------------------------------------------------
+def test_tiled_fit_has_exact_size_and_no_visible_seams():
+    H, W = 160, 224
+    img = smooth(H, W)
+    p = make_problem(img, task="denoise", preset="fast", steps=100, seed=0, net=TINY, ema=0.9, lr=0.02)
+    out = list(fit_tiled([p], device="cpu", tile=64, overlap=16))
+    assert len(out) == 1 and out[0][0] is p
+    r = out[0][1]
+    assert isinstance(r, TiledResult), r
+    assert r.image.shape == (H, W) and r.image.channels == 3
+    px = r.image.pixels
+    assert -10 * np.log10(((px - img) ** 2).mean()) > 30  # each tile fits the smooth image
+    tiles = r.layout.tiles
+    assert len(tiles) == 15
+    ex = sorted({t.box[1] for t in tiles if t.box[1] > 0} | {t.box[3] for t in tiles if t.box[3] < W})
+    ey = sorted({t.box[0] for t in tiles if t.box[0] > 0} | {t.box[2] for t in tiles if t.box[2] < H})
+    gx = np.abs(np.diff(px, axis=1)).mean(axis=(0, 2))  # gx[i]: across the line between columns i and i+1
+    gy = np.abs(np.diff(px, axis=0)).mean(axis=(1, 2))
+
+    def near_far(n, edges):
+        near = sorted({e + d for e in edges for d in (-1, 0) if 0 <= e + d < n})
+        far = [i for i in range(n) if all(abs(i - e) > 4 for e in edges)]
+        return near, far
+
+    nx, fx = near_far(W - 1, ex)
+    ny, fy = near_far(H - 1, ey)
+    border = np.r_[gx[nx], gy[ny]].mean()
+    away = np.r_[gx[fx], gy[fy]].mean()
+    assert abs(border / away - 1) < 0.10, (border, away)
+    rec = r.record()
+    assert rec["output_size"] == [W, H] and len(rec["tiling"]["tiles"]) == 15
+    for t in rec["tiling"]["tiles"]:
+        assert t["steps"] == 100 and t["stop_reason"] == "steps" and t["seconds"] > 0 and not t["copied"]
+
+
+def test_tiled_sr_fit_of_a_constant_image_is_constant():
+    lr = np.full((40, 40, 3), 0.6, np.float32)
+    p = make_problem(lr, task="sr", preset="fast", scale=2, steps=60, seed=1, net=TINY, ema=0.9, lr=0.02)
+    (_q, r), = list(fit_tiled([p], device="cpu", tile=24, overlap=8))
+    assert isinstance(r, TiledResult), r
+    assert r.image.shape == (80, 80)
+    assert len(r.layout.tiles) == 4
+    assert float(np.abs(r.image.pixels - 0.6).max()) < 0.03
+
+
+def test_inpainting_known_tiles_are_copied_not_fitted():
+    img = smooth(64, 96)
+    mask = np.ones((64, 96), np.float32)
+    mask[4:14, 6:20] = 0  # a hole in the top-left tile only
+    p = make_problem(img, task="inpaint", preset="fast", mask=mask, steps=4, seed=0, net=TINY)
+    tps, lay = split(p, 32, 8)
+    assert len(lay.copied) == len(lay.tiles) - 1 and [q.meta["tile"] for q in tps] == [0]
+    (_q, r), = list(fit_tiled([p], device="cpu", tile=32, overlap=8))
+    assert isinstance(r, TiledResult) and r.image.shape == (64, 96)
+    recs = r.record()["tiling"]["tiles"]
+    assert [t["copied"] for t in recs] == [i != 0 for i in range(len(recs))]
+    assert recs[0]["steps"] == 4 and "steps" not in recs[1]
+    # where only copied tiles reach, the output is the input exactly
+    np.testing.assert_allclose(r.image.pixels[40:, 40:], img[40:, 40:], atol=1e-6)
+    # a hole wider than a tile is a clear error, not a fit with no data
+    mask2 = np.ones((64, 96), np.float32)
+    mask2[:, 20:80] = 0
+    p2 = make_problem(img, task="inpaint", preset="fast", mask=mask2, steps=2)
+    with pytest.raises(ImageError, match="larger --tile"):
+        split(p2, 32, 8)
+    (_q2, e2), = list(fit_tiled([p2], device="cpu", tile=32, overlap=8))
+    assert isinstance(e2, ImageError)
+
+
+def test_small_images_pass_straight_through():
+    a = make_problem(smooth(24, 24), preset="fast", steps=2, net=TINY, name="small")
+    b = make_problem(smooth(24, 48), preset="fast", steps=2, net=TINY, name="wide")
+    got = {q.name: r for q, r in fit_tiled([a, b], device="cpu", tile=32, overlap=4)}
+    assert type(got["small"]) is Result and isinstance(got["wide"], TiledResult)
+    assert got["wide"].image.shape == (24, 48)
+
+
+# ---- memory budget ---------------------------------------------------------------------------------
+def test_memory_model_budget_and_slots():
+    p = make_problem(np.zeros((4096, 4096, 3), np.float32)[:8, :8], preset="fast")  # (cheap to build)
+    cfg = p.cfg
+    e1 = estimate_fit_bytes(cfg, (256, 256), 3, "cpu")
+    e2 = estimate_fit_bytes(cfg, (512, 512), 3, "cpu")
+    assert e2 > e1 > 0 and (e2 - e1) == pytest.approx(3 * (e1 - estimate_fit_bytes(cfg, (0, 0), 3, "cpu")), rel=1e-6)
+    # explicit byte budget -> slots = budget // per-fit estimate, capped by --slots and the item count
+    assert slots_for(cfg, (256, 256), 3, "cpu", int(3.5 * e1), None, 100) == 3
+    assert slots_for(cfg, (256, 256), 3, "cpu", int(3.5 * e1), 2, 100) == 2
+    assert slots_for(cfg, (256, 256), 3, "cpu", int(0.5 * e1), None, 100) == 1
+    assert slots_for(cfg, (256, 256), 3, "cpu", None, None, 100) is None
+    big = Problem(image=ImageData(np.zeros((2048, 2048, 3), np.float32), None, 8), cfg=cfg)
+    whole = estimate_fit_bytes(cfg, big.canvas, 3, "cpu")
+    assert needs_tiling(big, max_memory_bytes=whole - 1, device="cpu")
+    assert not needs_tiling(big, max_memory_bytes=whole + 1, device="cpu")
+    assert needs_tiling(big, tile=1024) and not needs_tiling(big, tile=2048)
+    t = choose_tile(big, e2, "cpu")
+    assert t == 512 and estimate_fit_bytes(cfg, (t, t), 3, "cpu") <= e2
+    assert choose_tile(big, e1, "cpu") == 256
+    with pytest.raises(MemoryError):
+        choose_tile(big, 1000, "cpu")
+
+
+def test_fit_tiled_respects_an_explicit_budget(monkeypatch):
+    """Budget -> images above it are tiled, and fit_problems gets slots = budget // per-tile estimate."""
+    from pipeline import api
+    seen = []
+    real = api.fit_problems
+
+    def spy(problems, device="auto", slots=None, **kw):
+        problems = list(problems)
+        seen.append((len(problems), slots))
+        return real(problems, device=device, slots=slots, **kw)
+
+    monkeypatch.setattr(api, "fit_problems", spy)
+    monkeypatch.setattr(tiling, "FIXED_BYTES", 0)  # so that a tiny image can be above a budget of 2 tiles
+    p = make_problem(smooth(96, 96), preset="fast", steps=2, net=TINY)
+    per = estimate_fit_bytes(p.cfg, (32, 32), 3, "cpu")
+    whole = estimate_fit_bytes(p.cfg, p.canvas, 3, "cpu")
+    budget = int(2.5 * per)
+    assert budget < whole
+    monkeypatch.setattr(tiling, "DEFAULT_TILE_OUT", 32)
+    (_q, r), = list(fit_tiled([p], device="cpu", max_memory=budget, overlap=4))
+    assert isinstance(r, TiledResult) and r.image.shape == (96, 96) and r.layout.tile == 32
+    assert seen == [(16, 2)]
+    # a tile above the budget is refused clearly
+    (_q, e), = list(fit_tiled([p], device="cpu", tile=32, max_memory=per // 2))
+    assert isinstance(e, MemoryError) and "budget" in str(e)
+
+
+# ---- huge inputs -----------------------------------------------------------------------------------
+def _png_header_only(path, w, h):
+    """A PNG whose IHDR claims w x h (8-bit RGB) with no pixel data: nothing big is ever allocated."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+def test_huge_input_is_refused_clearly(tmp_path, monkeypatch):
+    from pipeline import io
+    from pipeline.io import load_image
+    bomb = _png_header_only(tmp_path / "bomb.png", 20000, 20000)
+    with pytest.raises(ImageError, match="decompression-bomb limit.*400000000 pixels"):
+        load_image(bomb)
+    with pytest.raises(ImageError, match="decompression-bomb"):
+        make_problem(str(bomb), preset="fast")
+    # dip's own check, as with a small DIP_MAX_PIXELS (read at import: patch the value; Pillow's own
+    # limit is left alone so that dip's message, not Pillow's, is the one raised)
+    from PIL import Image
+    Image.fromarray((smooth(40, 40) * 255).astype(np.uint8)).save(tmp_path / "small.png")
+    monkeypatch.setattr(io, "MAX_PIXELS", 1000)
+    with pytest.raises(ImageError, match="DIP_MAX_PIXELS"):
+        load_image(tmp_path / "small.png")
+
+
+# ---- ONNX: one model per tile + a layout JSON -------------------------------------------------------
+def test_tiled_onnx_export_renders_the_merged_image(tmp_path):
+    pytest.importorskip("onnxruntime")
+    img = smooth(40, 56)
+    alpha = np.linspace(0, 1, 40 * 56, dtype=np.float32).reshape(40, 56)
+    mask = np.ones((40, 56), np.float32)
+    mask[3:9, 3:9] = 0
+    data = ImageData(img, alpha, 8)
+    p = make_problem(data, task="inpaint", preset="fast", mask=mask, steps=3, net=TINY, output="weights_ema",
+                     name="scan")
+    (_q, r), = list(fit_tiled([p], device="cpu", tile=32, overlap=8, keep_weights=True))
+    assert isinstance(r, TiledResult) and r.layout.copied and r.layout.fitted
+    path = tiling.export_tiled(r, tmp_path)
+    assert path.name == "scan.tiles.json"
+    doc = json.loads(path.read_text())
+    assert {("model" in t, "image" in t) for t in doc["tiles"]} == {(True, False), (False, True)}
+    assert (tmp_path / "scan.t000.onnx").is_file() and (tmp_path / doc["alpha"]).is_file()
+    out = tiling.render_tiled(path, "cpu")
+    assert out.shape == r.image.shape and out.bits == 8
+    np.testing.assert_allclose(out.pixels, r.image.pixels, atol=2e-3)
+    np.testing.assert_allclose(out.alpha, r.image.alpha, atol=1 / 255 + 1e-6)
