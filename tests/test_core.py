@@ -370,4 +370,4 @@ def test_slots_for_memory_counts_fixed_costs_once():
     assert slots_for_memory(60 * gib, int(9 * gib), int(10.6 * gib), 8) == 8
     assert slots_for_memory(1 * gib, int(9 * gib), int(10.6 * gib), 64) == 1  # never below one
     # a marginal cost far below the one-slot peak is not trusted
-    assert slots_for_memory(80 * gib, 8 * gib, 8 * gib, 64) == 9
+    assert slots_for_memory(20 * gib, 8 * gib, 8 * gib, 64) == 13  # 1 GiB a slot, 7 GiB fixed
