@@ -46,6 +46,13 @@ def _add_restore(sub):
                                                                           "the fastest that keeps quality on CUDA)")
     p.add_argument("--output", choices=("ema", "weights_ema", "last"),
                    help="which image is the result: ema = average of outputs (default, the paper's, best quality); weights_ema = the averaged generator, which the .onnx re-renders exactly; last")
+    p.add_argument("--tile", type=int, metavar="SIZE",
+                   help="fit images with a side above SIZE pixels as overlapping tiles (SR: low-res pixels); "
+                        "default: only images whose whole fit would not fit in memory")
+    p.add_argument("--tile-overlap", type=int, metavar="PX", help="overlap between tiles (default SIZE/8)")
+    p.add_argument("--max-memory", type=float, metavar="GIB",
+                   help="memory budget for the fits (GiB; default 80%% of the free GPU memory): larger images "
+                        "are tiled and batches sized within it")
     p.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
     p.add_argument("--address", help="Ray cluster to join (auto | ray://host:port; default: $RAY_ADDRESS or a "
                                      "local instance)")

@@ -105,10 +105,12 @@ class FitWorker:
     """One long-lived fitting process (one GPU, or a share of a node's cores). See the module docstring."""
 
     def __init__(self, device: str, slots: int | None, use_kernels, keep_weights: bool, onnx_dtype: str,
-                 threads: int | None = None):
+                 threads: int | None = None, tile: int | None = None, tile_overlap: int | None = None,
+                 max_memory: int | None = None):
         import torch
         if threads:
             torch.set_num_threads(max(1, int(threads)))
+        self.tile, self.tile_overlap, self.max_memory = tile, tile_overlap, max_memory
         self.device = device
         self.slots = slots
         self.use_kernels = use_kernels
@@ -124,14 +126,16 @@ class FitWorker:
 
     def fit(self, batch: list):
         """batch: [(id, Problem)]. Yields a 'started' event, then one 'done'/'error' event per image."""
-        from pipeline.api import fit_problems
         from pipeline.engine import pick_device
+        from pipeline.tiling import fit_tiled
         info = self.info()
         yield {"kind": "started", "ids": [k for k, _ in batch], "time": now_iso(), "worker": info}
         ids = {id(p): k for k, p in batch}
         dev = pick_device(self.device)
-        for p, res in fit_problems([p for _, p in batch], device=dev, slots=self.slots,
-                                   keep_weights=self.keep_weights, use_kernels=self.use_kernels):
+        # the batched engine; images too large for one fit (or above --tile / --max-memory) go as tiles
+        for p, res in fit_tiled([p for _, p in batch], device=dev, slots=self.slots, tile=self.tile,
+                                overlap=self.tile_overlap, max_memory=self.max_memory,
+                                keep_weights=self.keep_weights, use_kernels=self.use_kernels):
             key = ids[id(p)]
             if isinstance(res, Exception):
                 yield {"kind": "error", "id": key, "error": _one_line(res), "time": now_iso()}
@@ -148,10 +152,13 @@ class FitWorker:
             ev = {"png": png.read_bytes(), "record": res.record(), "onnx": None, "onnx_error": None}
             if self.keep_weights:
                 try:
-                    from pipeline import export
-                    onnx = d / "r.onnx"
-                    export.export_result(res, onnx, dtype=self.onnx_dtype)
-                    ev["onnx"] = onnx.read_bytes()
+                    from pipeline import export, tiling
+                    if isinstance(res, tiling.TiledResult):  # one model per tile + <stem>.tiles.json
+                        ev["onnx_files"] = tiling.tiled_files(res, Path(key).name, self.onnx_dtype)
+                    else:
+                        onnx = d / "r.onnx"
+                        export.export_result(res, onnx, dtype=self.onnx_dtype)
+                        ev["onnx"] = onnx.read_bytes()
                 except ImportError:
                     pass
                 except Exception as e:  # noqa: BLE001
@@ -258,13 +265,22 @@ def _start_actor(spec: dict, device: str, args):
     cls = ray.remote(FitWorker)
     return cls.options(**opts).remote(device, args.slots, False if args.reference_kernels else None,
                                       bool(args.export_onnx), args.onnx_dtype,
-                                      threads=spec["num_cpus"] if device == "cpu" else None)
+                                      threads=spec["num_cpus"] if device == "cpu" else None,
+                                      tile=getattr(args, "tile", None), tile_overlap=getattr(args, "tile_overlap", None),
+                                      max_memory=_max_memory_bytes(args))
 
 
 def main(args) -> int:
     out = Path(args.out)
     try:  # the command line's own options must make a valid config (manifest rows are checked per row)
         config_for(args, "cuda")
+        tile, overlap = getattr(args, "tile", None), getattr(args, "tile_overlap", None)
+        if tile is not None and tile < 8:
+            raise ValueError(f"--tile {tile}: tiles need at least 8 pixels a side")
+        if overlap is not None and (tile is None or not 0 <= overlap < tile / 2):
+            raise ValueError(f"--tile-overlap {overlap}: needs --tile, and 0 <= overlap < tile/2")
+        if getattr(args, "max_memory", None) is not None and args.max_memory <= 0:
+            raise ValueError("--max-memory must be positive (GiB)")
     except ValueError as e:
         print(f"dip: error: {e}", file=sys.stderr)
         return 2
@@ -373,7 +389,10 @@ class _Driver:
                     "reference_sha256": file_sha256(it.reference) if it.reference and Path(it.reference).is_file()
                     else None}
             conf = cfg.to_dict()
-            h = sha256_text(canonical_json({**shas, "config": conf}))
+            tiling_opts = {k: v for k, v in (("tile", getattr(self.args, "tile", None)),
+                                             ("tile_overlap", getattr(self.args, "tile_overlap", None)),
+                                             ("max_memory", getattr(self.args, "max_memory", None))) if v}
+            h = sha256_text(canonical_json({**shas, "config": conf, **({"tiling": tiling_opts} if tiling_opts else {})}))
             rec.update(input_sha256=shas["input_sha256"], options_sha256=sha256_text(canonical_json(conf)), hash=h,
                        options={**rec["options"], "task": cfg.task, "preset": cfg.preset, "steps": cfg.steps,
                                 "seed": cfg.seed})
@@ -535,6 +554,8 @@ class _Driver:
             has_onnx = ev.get("onnx") is not None
             if has_onnx:
                 _atomic_bytes(dest.with_name(dest.name + ".onnx"), ev["onnx"])
+            for name, data in (ev.get("onnx_files") or {}).items():  # a tiled image: its layout file last
+                _atomic_bytes(dest.with_name(name), data)
             record = dict(ev["record"])
             seconds = record.get("seconds")
             record["job"] = {"id": key, "hash": job.hash, "options_sha256": rec.get("options_sha256"),
@@ -712,6 +733,11 @@ class _Driver:
 
 def _same(x, g) -> bool:
     return x is g or (type(x) is type(g) and x == g)
+
+
+def _max_memory_bytes(args) -> int | None:
+    gb = getattr(args, "max_memory", None)
+    return int(gb * 2 ** 30) if gb else None
 
 
 def _outputs(key: str, onnx: bool) -> dict:

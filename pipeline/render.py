@@ -197,17 +197,35 @@ def img_note(model) -> str:
     return ""
 
 
+def _render_name(m: Path) -> str:
+    """<stem>.render.png for <stem>.onnx and for a tiled image's <stem>.tiles.json."""
+    stem = m.name[:-len(".tiles.json")] if m.name.endswith(".tiles.json") else m.with_suffix("").name
+    return stem + ".render.png"
+
+
+def _tile_models(layout: Path) -> set[Path]:
+    import json
+    try:
+        doc = json.loads(layout.read_text())
+        return {(layout.parent / t["model"]).resolve() for t in doc.get("tiles", []) if isinstance(t, dict)
+                and "model" in t}
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
 def _targets(model_arg: Path, out_arg: str | None) -> list[tuple[Path, Path]]:
     if model_arg.is_dir():
-        models = sorted(p for p in model_arg.rglob("*.onnx") if p.is_file())
+        layouts = sorted(p for p in model_arg.rglob("*.tiles.json") if p.is_file())
+        parts = set().union(*(_tile_models(p) for p in layouts)) if layouts else set()
+        models = sorted([p for p in model_arg.rglob("*.onnx") if p.is_file() and p.resolve() not in parts] + layouts)
         out_root = Path(out_arg) if out_arg else None
         pairs = []
         for m in models:
-            name = m.with_suffix(".render.png").name
+            name = _render_name(m)
             dest = (out_root / m.parent.relative_to(model_arg) / name) if out_root else m.with_name(name)
             pairs.append((m, dest))
         return pairs
-    dest = Path(out_arg) if out_arg else model_arg.with_name(model_arg.with_suffix("").name + ".render.png")
+    dest = Path(out_arg) if out_arg else model_arg.with_name(_render_name(model_arg))
     return [(model_arg, dest)]
 
 
@@ -237,15 +255,20 @@ def main(args) -> int:
     for model, dest in pairs:
         t = time.perf_counter()
         try:
-            img, used = render_model(model, provider)
+            if model.name.endswith(".tiles.json"):  # a tiled image: one model per tile, blended
+                from pipeline.tiling import render_tiled
+                img, used = render_tiled(model, provider), f"{provider} (tiles)"
+            else:
+                img, used = render_model(model, provider)
             save_image(dest, img)
         except (RenderError, ImageError, OSError) as e:
             failures.append(str(e))
             print(f"dip: {e}", file=sys.stderr)
             continue
         print(f"{model} -> {dest} ({used}, {time.perf_counter() - t:.2f} s)")
-        if img_note(model):
-            print(f"  note: {img_note(model)}")
+        note = img_note(model) if model.suffix == ".onnx" else None
+        if note:
+            print(f"  note: {note}")
     if failures:
         if len(pairs) > 1:
             print(f"dip: {len(failures)} of {len(pairs)} model(s) failed", file=sys.stderr)

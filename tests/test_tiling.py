@@ -297,3 +297,29 @@ def test_tiled_onnx_export_renders_the_merged_image(tmp_path):
     assert out.shape == r.image.shape and out.bits == 8
     np.testing.assert_allclose(out.pixels, r.image.pixels, atol=2e-3)
     np.testing.assert_allclose(out.alpha, r.image.alpha, atol=1 / 255 + 1e-6)
+
+
+def test_cli_tiles_a_large_image_and_render_reassembles_it(tmp_path, capsys):
+    """dip restore --tile: the job fits the tiles, writes one image, its JSON with the layout, a model per
+    tile and <stem>.tiles.json; dip render OUT re-renders the whole image (not each tile)."""
+    import json
+    from PIL import Image
+    from pipeline.cli import main as cli_main
+    from pipeline.io import load_image
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    out = tmp_path / "out"
+    rc = cli_main(["restore", str(tmp_path / "big.png"), "--out", str(out), "--tile", "32", "--tile-overlap", "8",
+                   "--steps", "2", "--device", "cpu", "--quiet", "--output", "weights_ema"])
+    assert rc == 0
+    rec = json.loads((out / "big.json").read_text())
+    assert len(rec["tiling"]["tiles"]) >= 2
+    assert load_image(out / "big.png").shape == (40, 56)
+    assert (out / "big.tiles.json").exists() and list(out.glob("big.t*.onnx"))
+    assert cli_main(["render", str(out)]) == 0
+    rendered = load_image(out / "big.render.png")
+    saved = load_image(out / "big.png")
+    assert rendered.shape == saved.shape
+    assert np.abs(rendered.pixels - saved.pixels).max() * 255 <= 1.5
+    assert not list(out.glob("big.t*.render.png"))  # the tiles are not rendered one by one
+    assert cli_main(["restore", str(tmp_path / "big.png"), "--out", str(out), "--tile", "4"]) == 2
