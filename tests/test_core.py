@@ -120,7 +120,7 @@ def test_sr_is_consistent_with_its_input_and_beats_nearest():
     gt = f16_crop(180, 180, 48, 48)
     op = Lanczos2Downsample(4)
     lr = op.A(torch.from_numpy(gt.transpose(2, 0, 1))[None])[0].numpy().transpose(1, 2, 0)
-    r = restore(lr, "sr", scale=4, preset="fast", steps=200, seed=0, reference=gt, device="cpu")
+    r = restore(lr, "sr", scale=4, preset="fast", steps=400, seed=0, reference=gt, device="cpu")
     assert r.image.pixels.shape == gt.shape
     down = op.A(torch.from_numpy(r.image.pixels.transpose(2, 0, 1))[None])[0].numpy().transpose(1, 2, 0)
     assert psnr(down, lr) > 30, psnr(down, lr)
