@@ -53,9 +53,16 @@ class Problem:
 
     @property
     def canvas(self) -> tuple[int, int]:
-        m = max(self.cfg.net.multiple, self.factor)
-        H, W = self.out_shape
-        return math.ceil(H / m) * m, math.ceil(W / m) * m
+        return canvas_for(self.cfg, *self.out_shape)
+
+
+def canvas_for(cfg: FitConfig, H: int, W: int) -> tuple[int, int]:
+    """The network canvas for an H x W output: each side a multiple of 2**scales (and of the SR factor),
+    and at least twice that, so that the deepest scale keeps 2x2 pixels (BatchNorm in training mode
+    needs more than one value per channel)."""
+    f = cfg.scale if cfg.task == "sr" else 1
+    m = max(cfg.net.multiple, f)
+    return max(math.ceil(H / m), 2) * m, max(math.ceil(W / m), 2) * m
 
 
 def _pad(a: np.ndarray, H: int, W: int) -> np.ndarray:

@@ -265,9 +265,10 @@ def memory_budget(device, max_memory_bytes: int | None = None) -> int | None:
 
 
 def _canvas(cfg, h: int, w: int) -> tuple[int, int]:
+    """The canvas of an h x w input (output pixels): pipeline.api.canvas_for."""
+    from pipeline.api import canvas_for
     f = cfg.scale if cfg.task == "sr" else 1
-    m = max(cfg.net.multiple, f)
-    return math.ceil(h * f / m) * m, math.ceil(w * f / m) * m
+    return canvas_for(cfg, h * f, w * f)
 
 
 def needs_tiling(problem: Problem, tile: int | None = None, max_memory_bytes: int | None = None,

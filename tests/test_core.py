@@ -371,3 +371,12 @@ def test_slots_for_memory_counts_fixed_costs_once():
     assert slots_for_memory(1 * gib, int(9 * gib), int(10.6 * gib), 64) == 1  # never below one
     # a marginal cost far below the one-slot peak is not trusted
     assert slots_for_memory(20 * gib, 8 * gib, 8 * gib, 64) == 13  # 1 GiB a slot, 7 GiB fixed
+
+
+def test_small_image_with_the_five_scale_preset(tmp_path):
+    # regression: a 24x24 image got a 32x32 canvas, whose deepest scale is 1x1, and training-mode
+    # BatchNorm refused it; the canvas is now at least twice the network's multiple
+    y = noisy(f16_crop(0, 0, 24, 20))
+    r = restore(y, "denoise", preset="denoise", steps=1, seed=0, device="cpu")
+    assert r.image.pixels.shape == y.shape
+    assert r.record()["canvas"] == [64, 64]
