@@ -204,12 +204,11 @@ class BatchedFitter:
             zin = self.z + cfg.reg_noise_std * self.noise
         else:
             zin = self.z
-        G.flat_grad.zero_()
         with self.autocast:
             out = G(zin)
         out = out.float()
         loss = data_term(out, self.target, self.mask, self.factor, self.use_kernels)  # (B,)
-        (loss * self.active).sum().backward()
+        G.backward_flat((loss * self.active).sum())
         with torch.no_grad():
             det = loss.detach()
             bad = ~(det <= self.last_good * self.jump) & (self.active > 0)  # NaN counts as diverged

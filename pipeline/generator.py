@@ -123,9 +123,7 @@ class SkipGenerator(nn.Module):
         for sp in self.specs:
             n = slots * sp.numel
             shape = (slots * sp.shape[0],) + sp.shape[1:]
-            p = nn.Parameter(self.flat[sp.offset:sp.offset + n].view(shape))
-            p.grad = self.flat_grad[sp.offset:sp.offset + n].view(shape)
-            self._params[sp.name] = p
+            self._params[sp.name] = nn.Parameter(self.flat[sp.offset:sp.offset + n].view(shape))
         # for expanding per-slot scalars to the flat layout: value[s] repeated n_l times, layer by layer
         self.register_buffer("_counts", torch.tensor([sp.numel for sp in self.specs for _ in range(slots)],
                                                      device=device), persistent=False)
@@ -133,6 +131,14 @@ class SkipGenerator(nn.Module):
     # ---- weights --------------------------------------------------------------------------------
     def parameters_flat(self) -> torch.Tensor:
         return self.flat
+
+    def backward_flat(self, loss: torch.Tensor) -> torch.Tensor:
+        """Gradients of ``loss`` into ``flat_grad`` (the flat layout) with one copy, instead of one
+        accumulation kernel per parameter tensor."""
+        params = [self._params[sp.name] for sp in self.specs]
+        grads = torch.autograd.grad(loss, params)
+        torch.cat([g.reshape(-1) for g in grads], out=self.flat_grad)
+        return self.flat_grad
 
     def expand(self, per_slot: torch.Tensor) -> torch.Tensor:
         """(B,) -> (total,) in the flat layout, with no host synchronisation."""
