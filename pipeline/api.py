@@ -12,7 +12,6 @@ cropped away.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
@@ -284,8 +283,7 @@ def fit_problems(problems: Iterable[Problem], device="auto", slots: int | None =
             while pending:
                 items = []
                 for i, p in enumerate(pending):
-                    q = dataclasses.replace(p)
-                    it = to_fit_item(q, key=i, with_reference=trace_every > 0, canvas=canvas)
+                    it = to_fit_item(p, key=i, with_reference=trace_every > 0, canvas=canvas)
                     it.steps = p.cfg.steps
                     items.append(it)
                 done: set[int] = set()

@@ -50,8 +50,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -348,17 +346,9 @@ def to_onnx_model(result, dtype: str = "fp32"):
 
 def export_result(result, path, dtype: str = "fp32") -> Path:
     """Write ``result``'s generator to ``path`` (atomically) as a self-contained ONNX file."""
-    model = to_onnx_model(result, dtype=dtype)
+    from pipeline.io import write_bytes
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_bytes(path, to_onnx_model(result, dtype=dtype).SerializeToString())
     return path
 
 

@@ -11,6 +11,7 @@ Every failure raises :class:`ImageError`, whose message names the file and the r
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -185,11 +186,27 @@ def to_uint(pixels: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(np.rint(np.clip(pixels, 0.0, 1.0) * scale), 0, scale).astype(dt)
 
 
-def _atomic_target(path: Path):
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside ``path``; when the block ends without an error it is renamed onto
+    ``path`` (so readers see the old file or the whole new one), otherwise it is removed."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    return Path(tmp)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def save_image(path, data: ImageData) -> None:
@@ -200,8 +217,7 @@ def save_image(path, data: ImageData) -> None:
         arr = np.concatenate([arr, to_uint(data.alpha, data.bits)[:, :, None]], axis=2)
     if arr.shape[2] == 1:
         arr = arr[:, :, 0]
-    tmp = _atomic_target(path)
-    try:
+    with atomic_path(path) as tmp:
         if data.bits == 16 and arr.ndim == 3:
             import png
             h, w, c = arr.shape
@@ -210,23 +226,12 @@ def save_image(path, data: ImageData) -> None:
                 writer.write(f, arr.reshape(h, w * c).tolist())
         else:
             Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_json(path, obj) -> None:
     """Write JSON atomically."""
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1, default=_json_default)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=_json_default)
 
 
 def _json_default(o):

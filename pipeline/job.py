@@ -543,19 +543,19 @@ class _Driver:
             self._retry_or_fail(job, ev.get("error", "unknown error"))
 
     def _write(self, job: Job, ev: dict) -> None:
-        from pipeline.io import write_json
+        from pipeline.io import write_bytes, write_json
         key = job.item.id
         dest = self.out / key
         rec = self.manifest.get(key) or {}
         finished = ev["time"]
         try:
             started = rec.get("started")
-            _atomic_bytes(dest.with_name(dest.name + ".png"), ev["png"])
+            write_bytes(dest.with_name(dest.name + ".png"), ev["png"])
             has_onnx = ev.get("onnx") is not None
             if has_onnx:
-                _atomic_bytes(dest.with_name(dest.name + ".onnx"), ev["onnx"])
+                write_bytes(dest.with_name(dest.name + ".onnx"), ev["onnx"])
             for name, data in (ev.get("onnx_files") or {}).items():  # a tiled image: its layout file last
-                _atomic_bytes(dest.with_name(name), data)
+                write_bytes(dest.with_name(name), data)
             record = dict(ev["record"])
             seconds = record.get("seconds")
             record["job"] = {"id": key, "hash": job.hash, "options_sha256": rec.get("options_sha256"),
@@ -749,18 +749,6 @@ def _read_json(p: Path):
         return json.loads(p.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    from pipeline.io import _atomic_target
-    tmp = _atomic_target(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _fmt_s(s: float) -> str:

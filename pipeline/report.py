@@ -660,13 +660,8 @@ def build(out_dir, announce: bool = True) -> Path:
     data = collect(out)
     text = render(data)
     path = out / REPORT_NAME
-    tmp = out / f".{REPORT_NAME}.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from pipeline.io import write_bytes
+    write_bytes(path, text.encode("utf-8"))
     if announce:
         log.info("report: %s", path)
     return path

@@ -632,20 +632,13 @@ def tiled_files(result: TiledResult, stem: str, dtype: str = "fp32") -> dict[str
 
 def export_tiled(result: TiledResult, out_dir, stem: str | None = None, dtype: str = "fp32") -> Path:
     """Write :func:`tiled_files` into ``out_dir`` (each atomically, the layout JSON last). Returns its path."""
-    from pipeline.io import _atomic_target
+    from pipeline.io import write_bytes
     out_dir = Path(out_dir)
     stem = stem or Path(result.problem.source or result.problem.name).stem
     path = None
     for name, data in tiled_files(result, stem, dtype).items():
-        dest = out_dir / name
-        tmp = _atomic_target(dest)
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, dest)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        path = dest
+        path = out_dir / name
+        write_bytes(path, data)
     return path
 
 
