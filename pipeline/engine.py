@@ -257,10 +257,8 @@ class BatchedFitter:
         src = self.w_ema if self.cfg.output == "weights_ema" else self.G.flat
         return self.G.get_slot(s, src).cpu()
 
-    def _trace(self, s_list, step_of) -> None:
-        if self.ref is None:
-            return
-        img = self.render()
+    def _trace(self, s_list, step_of, img: torch.Tensor) -> None:
+        """Record the PSNR of the rendered images ``img`` against the references (slots in ``s_list``)."""
         err = ((img - self.ref) ** 2 * self.ref_mask).flatten(1).sum(1) / (self.ref_mask.flatten(1).sum(1) * self.C).clamp_min(1)
         psnr = (-10 * torch.log10(err.clamp_min(1e-12))).cpu().tolist()
         for s in s_list:
@@ -317,12 +315,13 @@ class BatchedFitter:
                 self.items[s] is not None and self.steps_done[s] % self.check_every == 0 for s in range(self.B))
             trace = self.trace_every and any(
                 self.items[s] is not None and self.steps_done[s] % self.trace_every == 0 for s in range(self.B))
+            trace = trace and self.ref is not None
+            # one render serves the PSNR trace, the stopping rules and the results of this step
+            images = self.render() if (trace or check) else None
             if trace:
                 self._trace([s for s in range(self.B) if self.items[s] is not None
-                             and self.steps_done[s] % self.trace_every == 0], self.steps_done)
-            images = None
+                             and self.steps_done[s] % self.trace_every == 0], self.steps_done, images)
             if check:
-                images = self.render()
                 for s in range(self.B):
                     st = self.stoppers[s]
                     if self.items[s] is not None and st is not None and self.steps_done[s] % self.check_every == 0:
