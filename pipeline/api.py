@@ -172,7 +172,7 @@ class Result:
         return img_path, json_path
 
 
-def metrics(out: ImageData, ref: ImageData, y_border: int | None = None) -> dict:
+def metrics(out: ImageData, ref: ImageData) -> dict:
     """PSNR (dB) and SSIM of ``out`` against ``ref``, on the quantised output as saved."""
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
     from pipeline.io import to_uint

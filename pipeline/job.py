@@ -84,7 +84,7 @@ def safe_output(out: Path, rel: Path) -> Path:
 
 def config_for(args, device_type: str, row: dict | None = None):
     """The FitConfig of one image: the command line's options, overridden by its manifest row."""
-    from pipeline.config import make_config
+    from pipeline.config import PRESETS, make_config
     row = row or {}
     preset = row.get("preset", args.preset)
     if preset is None and device_type == "cpu":
@@ -92,7 +92,8 @@ def config_for(args, device_type: str, row: dict | None = None):
         if not getattr(args, "_fast_logged", False):
             steps = row.get("steps", args.steps)
             log.info("no GPU: using the small 'fast' preset (4 scales, <=64 channels, %s steps) so that a CPU "
-                     "fit takes minutes, not hours; pass --preset to choose another", "600" if steps is None else steps)
+                     "fit takes minutes, not hours; pass --preset to choose another",
+                     PRESETS["fast"].steps if steps in (None, "auto") else steps)
             with contextlib.suppress(AttributeError):
                 args._fast_logged = True
     over = {"steps": row.get("steps", args.steps), "seed": row.get("seed", args.seed),
