@@ -234,6 +234,14 @@ def write_json(path, obj) -> None:
         json.dump(obj, f, indent=1, default=_json_default)
 
 
+def read_json(path):
+    """The JSON in ``path``, or None when the file is missing, unreadable or not JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()

@@ -68,6 +68,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.io import read_json
 from pipeline.manifest import (IMAGE_SUFFIXES, MANIFEST_NAME, JobManifest, UsageError, WorkItem,  # noqa: F401
                                canonical_json, discover, now_iso, safe_rel, sha256_text)
 
@@ -400,7 +401,7 @@ class _Driver:
             dest = self.out / it.id
             js, png = dest.with_name(dest.name + ".json"), dest.with_name(dest.name + ".png")
             if js.exists() and png.exists() and not self.args.overwrite:
-                old = _read_json(js)
+                old = read_json(js)
                 old_job = old.get("job") if isinstance(old, dict) and isinstance(old.get("job"), dict) else {}
                 if old_job.get("hash") == h:
                     keep = {k: old_job.get(k) for k in ("started", "finished", "seconds", "attempts", "worker")}
@@ -743,13 +744,6 @@ def _max_memory_bytes(args) -> int | None:
 
 def _outputs(key: str, onnx: bool) -> dict:
     return {"png": key + ".png", "json": key + ".json", "onnx": key + ".onnx" if onnx else None}
-
-
-def _read_json(p: Path):
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _fmt_s(s: float) -> str:

@@ -30,7 +30,6 @@ import datetime as _dt
 import hashlib
 import html
 import io
-import json
 import logging
 import math
 import os
@@ -41,10 +40,12 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import quote
 
+from pipeline.io import read_json
+from pipeline.manifest import MANIFEST_NAME
+
 log = logging.getLogger("dip.report")
 
 REPORT_NAME = "report.html"
-MANIFEST_NAME = "dip-manifest.json"
 THUMB = 320  # largest side of the displayed full view, CSS px
 CROP = 64  # side of the centre crop, in output pixels
 ZOOM = 4
@@ -57,13 +58,6 @@ def esc(x) -> str:
 
 
 # ---- collecting ------------------------------------------------------------------------------------------
-def _read_json(p: Path):
-    try:
-        return json.loads(p.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _inside(out: Path, rel) -> Path | None:
     """OUT/rel when it is a file inside OUT (symlinks resolved), else None."""
     if not isinstance(rel, str) or not rel:
@@ -95,7 +89,7 @@ def _scan_records(out: Path) -> dict[str, dict]:
         rel = p.relative_to(root)
         if rel.parts[0] in ("report_files",) or p.name == MANIFEST_NAME or p.name.startswith("."):
             continue
-        d = _read_json(p)
+        d = read_json(p)
         if isinstance(d, dict) and isinstance(d.get("job"), dict) and "task" in d:
             recs[rel.with_suffix("").as_posix()] = d
     return recs
@@ -146,7 +140,7 @@ class _Redactor:
 def collect(out) -> dict:
     """Everything the report shows, from OUT's manifest and result JSONs (no HTML here)."""
     out = Path(out)
-    man = _read_json(out / MANIFEST_NAME)
+    man = read_json(out / MANIFEST_NAME)
     if not isinstance(man, dict) or not isinstance(man.get("images"), dict):
         man = None
     scanned = _scan_records(out)
@@ -168,7 +162,7 @@ def collect(out) -> dict:
         rec = None
         js = _inside(out, outputs.get("json")) or _inside(out, f"{key}.json")
         if status == "done" and js is not None:
-            rec = scanned.get(js.relative_to(out.resolve()).with_suffix("").as_posix()) or _read_json(js)
+            rec = scanned.get(js.relative_to(out.resolve()).with_suffix("").as_posix()) or read_json(js)
         rec = rec if isinstance(rec, dict) else {}
         png = _inside(out, outputs.get("png")) if status == "done" else None
         if status == "done" and png is None:
