@@ -69,18 +69,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.io import read_json
-from pipeline.manifest import (IMAGE_SUFFIXES, MANIFEST_NAME, JobManifest, UsageError, WorkItem,  # noqa: F401
-                               canonical_json, discover, now_iso, safe_rel, sha256_text)
+from pipeline.manifest import (MANIFEST_NAME, JobManifest, UsageError, WorkItem, canonical_json, discover, now_iso,
+                               sha256_text)
 
 log = logging.getLogger("dip.job")
 
 LOCK_NAME = ".dip-job.lock"
 CALLS_PER_ACTOR = 2
-
-
-def safe_output(out: Path, rel: Path) -> Path:
-    """OUT/rel, resolved; ValueError when it would leave OUT."""
-    return Path(out).resolve() / safe_rel(Path(out), rel)
 
 
 def config_for(args, device_type: str, row: dict | None = None):
