@@ -45,7 +45,13 @@ def _add_restore(sub):
     p.add_argument("--precision", choices=("fp32", "tf32", "bf16"), help="arithmetic (default fp32 on CPU, "
                                                                           "the fastest that keeps quality on CUDA)")
     p.add_argument("--output", choices=("ema", "weights_ema", "last"),
-                   help="which image is the result: ema = average of outputs (default, the paper's, best quality); weights_ema = the averaged generator, which the .onnx re-renders exactly; last")
+                   help="which image is the result: ema = average of outputs (default, the paper's, best quality; "
+                        "distilled into the generator so that the .onnx re-renders it, see --distill-steps); "
+                        "weights_ema = the averaged generator; last = the last generator")
+    p.add_argument("--distill-steps", type=int, metavar="N",
+                   help="with --output ema: steps (default 200, at most a tenth of the fit's) that fit the "
+                        "generator to the output average, so that the saved image is the .onnx's render; "
+                        "0 saves the average itself, which the .onnx then does not reproduce")
     p.add_argument("--tile", type=int, metavar="SIZE",
                    help="fit images with a side above SIZE pixels as overlapping tiles (SR: low-res pixels); "
                         "default: only images whose whole fit would not fit in memory")

@@ -69,9 +69,14 @@ class FitConfig:
     ema: float = 0.99  # exponential average of the outputs (or of the weights, see `output`)
     # What the result is: "ema" = the exponential average of the outputs (the paper's; the default:
     # on F16 at 512^2 it reached 32.58 dB where "weights_ema" reached 31.67, docs/BENCHMARKS.md),
-    # "weights_ema" = the generator with averaged weights evaluated at z (exactly what its ONNX export
-    # renders), "last" = the generator's last output at z.
+    # "weights_ema" = the generator with averaged weights evaluated at z, "last" = the generator's last
+    # output at z.
     output: str = "ema"
+    # With output "ema": after the fit, the generator is fitted this many more steps (at most a tenth of
+    # the fit's own; z fixed, no input noise, Adam carried on) to the output average, and the saved image
+    # is that generator's render at z, so the ONNX export re-renders the saved image exactly
+    # (docs/onnx.md). 0: the saved image is the average itself, which no single generator renders.
+    distill_steps: int = 200
     divergence_db: float = 5.0  # restore the last good weights when the loss PSNR drops by more
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -98,8 +103,16 @@ class FitConfig:
             raise ValueError(f"precision must be fp32, tf32 or bf16, not {self.precision!r}")
         if self.steps < 1:
             raise ValueError("steps must be at least 1")
+        if self.distill_steps < 0:
+            raise ValueError("distill_steps must be >= 0")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError("ema must be in [0, 1)")
+
+    @property
+    def renders_saved_image(self) -> bool:
+        """Whether the result is one generator's render at z, which its ONNX export re-renders exactly
+        (every output kind but a plain, undistilled output average)."""
+        return self.output != "ema" or self.distill_steps > 0
 
     def to_dict(self) -> dict:
         return asdict(self)

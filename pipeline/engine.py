@@ -12,6 +12,11 @@ Per step, for every occupied slot s:
     Adam with a per-slot step count (a refilled slot restarts at step 1)
     averages: out_ema_s (outputs) or w_ema_s (weights), each slot from its own first step
 
+With ``output="ema"`` and ``distill_steps`` > 0, a slot whose fit has ended is not released at once:
+for N = min(distill_steps, ceil(its steps / 10)) more steps it fits its own output average (the result image, on the output canvas) with z fixed
+and no input noise, Adam carrying on, and its result is then the generator's render G_s(z). So the saved
+image is one network's output, which its ONNX export re-renders exactly (docs/onnx.md).
+
 Nothing in a step waits for the host: per-slot scalars live on the device and are expanded to the
 flat weight layout there. The host only looks at a slot when its step budget is spent (known on the
 host) or every ``check_every`` steps when a stopping rule is active.
@@ -113,6 +118,12 @@ class BatchedFitter:
         self.good = torch.zeros(n, device=dev)  # last good weights (divergence recovery)
         self.w_ema = torch.zeros(n, device=dev) if cfg.output == "weights_ema" else None
         self.out_ema = torch.zeros(B, channels, self.H, self.W, device=dev) if cfg.output == "ema" else None
+        self.distill = cfg.output == "ema" and cfg.distill_steps > 0
+        self.dtarget = torch.zeros(B, channels, self.H, self.W, device=dev) if self.distill else None
+        self.phase = torch.zeros(B, device=dev)  # 1 while a slot is distilling
+        self.distilling = [False] * B
+        self.main_steps = [0] * B  # the fit's own steps, once it has ended
+        self.reasons = [""] * B  # why the fit ended (for a distilling slot)
         self.t = torch.zeros(B, device=dev)  # per-slot step count (float, for bias corrections)
         self.active = torch.zeros(B, device=dev)
         self.lr = torch.zeros(B, device=dev)
@@ -183,7 +194,9 @@ class BatchedFitter:
         self.items[s] = item
         self.steps_done[s] = 0
         self.budget[s] = int(item.steps or cfg.steps)
-        self._ensure_hist(self.budget[s])
+        self._ensure_hist(self.budget[s] + (cfg.distill_steps if self.distill else 0))
+        self.phase[s] = 0
+        self.distilling[s] = False
         self.started[s] = time.perf_counter()
         self.stoppers[s] = self.stopper_factory(item) if self.stopper_factory else None
         self.traces[s] = []
@@ -192,6 +205,20 @@ class BatchedFitter:
         self.items[s] = None
         self.active[s] = 0
         self.lr[s] = 0
+        self.phase[s] = 0
+        self.distilling[s] = False
+
+    def begin_distill(self, s: int, reason: str, image: torch.Tensor) -> None:
+        """Slot ``s``'s fit has ended with the result ``image`` (C, H, W): fit the generator to it."""
+        D = self.cfg.net.input_depth
+        self.dtarget[s] = image
+        self.noise[0, s * D:(s + 1) * D].zero_()
+        self.phase[s] = 1
+        self.last_good[s] = math.inf  # a new loss: divergence is judged from its own first step
+        self.distilling[s] = True
+        self.main_steps[s] = self.steps_done[s]
+        self.reasons[s] = reason
+        self.budget[s] = self.steps_done[s] + distill_steps(self.cfg, self.steps_done[s])
 
     # ---- the step -------------------------------------------------------------------------------
     def step(self) -> torch.Tensor:
@@ -199,7 +226,7 @@ class BatchedFitter:
         D = cfg.net.input_depth
         if cfg.reg_noise_std > 0:
             for s in range(B):
-                if self.items[s] is not None:
+                if self.items[s] is not None and not self.distilling[s]:
                     self.noise[0, s * D:(s + 1) * D].normal_(generator=self.gens[s])
             zin = self.z + cfg.reg_noise_std * self.noise
         else:
@@ -208,6 +235,9 @@ class BatchedFitter:
             out = G(zin)
         out = out.float()
         loss = data_term(out, self.target, self.mask, self.factor, self.use_kernels)  # (B,)
+        if self.distill and any(self.distilling):
+            fit_avg = ((out - self.dtarget) ** 2).flatten(1).mean(1)
+            loss = torch.where(self.phase > 0, fit_avg, loss)
         G.backward_flat((loss * self.active).sum())
         with torch.no_grad():
             det = loss.detach()
@@ -238,7 +268,7 @@ class BatchedFitter:
                 we = G.expand(wgt)
                 self.w_ema.mul_(we).add_(G.flat * (1 - we))
             if self.out_ema is not None:
-                wo = wgt.view(B, 1, 1, 1)
+                wo = torch.where(self.phase > 0, torch.ones_like(wgt), wgt).view(B, 1, 1, 1)  # kept while distilling
                 self.out_ema.mul_(wo).add_(out.detach() * (1 - wo))
             idx = (self.t - 1).clamp_min(0).long().clamp_max(self.cap - 1)
             self.hist.scatter_(1, idx.view(B, 1), det.view(B, 1))
@@ -252,6 +282,12 @@ class BatchedFitter:
         weights = self.w_ema if self.cfg.output == "weights_ema" else None
         with self.autocast:
             return self.G(self.z, weights=weights).float()
+
+    @torch.no_grad()
+    def render_generators(self) -> torch.Tensor:
+        """Every slot's generator at its fixed z, (B, C, H, W): the result of a distilled slot."""
+        with self.autocast:
+            return self.G(self.z).float()
 
     def result_weights(self, s: int) -> torch.Tensor:
         src = self.w_ema if self.cfg.output == "weights_ema" else self.G.flat
@@ -267,7 +303,8 @@ class BatchedFitter:
 
     def _finish(self, s: int, reason: str, images: torch.Tensor | None) -> FitResult:
         item = self.items[s]
-        n = self.steps_done[s]
+        distilled = self.distilling[s]
+        n = self.main_steps[s] if distilled else self.steps_done[s]
         img = (images if images is not None else self.render())[s].cpu().numpy()
         res = FitResult(key=item.key, image=img, steps=n, seed=item.seed,
                         loss=self.hist[s, :n].cpu().numpy().copy(), restores=int(self.restores[s].item()),
@@ -280,6 +317,10 @@ class BatchedFitter:
         st = self.stoppers[s]
         if st is not None and hasattr(st, "summary"):
             res.extra["stopping"] = st.summary()
+        if distilled:
+            err = float(((images[s] - self.dtarget[s]) ** 2).mean().item())
+            res.extra["distill"] = {"steps": self.steps_done[s] - n,
+                                    "psnr_to_average": round(-10 * math.log10(max(err, 1e-12)), 2)}
         self.unload(s)
         return res
 
@@ -311,25 +352,26 @@ class BatchedFitter:
             if progress:
                 progress(sum(1 for it in self.items if it is not None))
             done: list[tuple[int, str]] = []
+            fitting = [s for s in range(self.B) if self.items[s] is not None and not self.distilling[s]]
             check = self.stopper_factory is not None and any(
-                self.items[s] is not None and self.steps_done[s] % self.check_every == 0 for s in range(self.B))
-            trace = self.trace_every and any(
-                self.items[s] is not None and self.steps_done[s] % self.trace_every == 0 for s in range(self.B))
+                self.steps_done[s] % self.check_every == 0 for s in fitting)
+            trace = self.trace_every and any(self.steps_done[s] % self.trace_every == 0 for s in fitting)
             trace = trace and self.ref is not None
             # one render serves the PSNR trace, the stopping rules and the results of this step
             images = self.render() if (trace or check) else None
             if trace:
-                self._trace([s for s in range(self.B) if self.items[s] is not None
-                             and self.steps_done[s] % self.trace_every == 0], self.steps_done, images)
+                self._trace([s for s in fitting if self.steps_done[s] % self.trace_every == 0],
+                            self.steps_done, images)
             if check:
-                for s in range(self.B):
+                for s in fitting:
                     st = self.stoppers[s]
-                    if self.items[s] is not None and st is not None and self.steps_done[s] % self.check_every == 0:
-                        if st.update(self.steps_done[s], images[s], self.hist[s, :self.steps_done[s]]):
-                            done.append((s, "auto"))
-            for s in range(self.B):
-                if self.items[s] is not None and self.steps_done[s] >= self.budget[s] and all(d[0] != s for d in done):
+                    if (st is not None and self.steps_done[s] % self.check_every == 0
+                            and st.update(self.steps_done[s], images[s], self.hist[s, :self.steps_done[s]])):
+                        done.append((s, "auto"))
+            for s in fitting:
+                if self.steps_done[s] >= self.budget[s] and all(d[0] != s for d in done):
                     done.append((s, "steps"))
+            distilled = [s for s in range(self.B) if self.distilling[s] and self.steps_done[s] >= self.budget[s]]
             if done:
                 if images is None:
                     images = self.render()
@@ -338,8 +380,23 @@ class BatchedFitter:
                     if reason == "auto" and st is not None and getattr(st, "best_image", None) is not None:
                         images = images.clone()
                         images[s] = st.best_image.to(images.device)
-                    yield self._finish(s, reason, images)
+                    if self.distill:
+                        self.begin_distill(s, reason, images[s])
+                    else:
+                        yield self._finish(s, reason, images)
+            if distilled:
+                gen_images = self.render_generators()
+                for s in distilled:
+                    yield self._finish(s, self.reasons[s], gen_images)
+            if done or distilled:
                 refill()
+
+
+def distill_steps(cfg: FitConfig, fit_steps: int) -> int:
+    """Steps of the distillation after a fit of ``fit_steps`` steps: the config's, at most a tenth more."""
+    if cfg.output != "ema" or cfg.distill_steps <= 0:
+        return 0
+    return min(cfg.distill_steps, max(1, math.ceil(fit_steps / 10)))
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -1,8 +1,10 @@
 """ONNX export of a fitted generator: one self-contained ``<stem>.onnx`` per restored image.
 
 The file is the network itself, not a stored picture: the fitted weights of the one generator that
-produced the image (``Result.weights``: the averaged weights for ``output="weights_ema"``, the last
-ones otherwise), its fixed input ``z`` and the BatchNorm statistics at ``z``. Rendering it needs no
+produced the image (``Result.weights``: the averaged weights for ``output="weights_ema"``; for the
+default ``output="ema"`` the generator distilled onto the output average, whose render *is* the saved
+image (pipeline/engine.py); the last weights otherwise), its fixed input ``z`` and the BatchNorm
+statistics at ``z``. Rendering it needs no
 input and no other file::
 
     image (1, C, H, W) float32 in [0, 1] = crop(sigmoid(G(z)))     [+ alpha (H, W) uint8/uint16]
@@ -43,7 +45,7 @@ Metadata (``model.metadata_props``, all strings): ``dip_format="dip-onnx"``, ``d
 ``dip_version``, ``task``, ``preset``, ``config`` (the full FitConfig JSON, ``net.out_channels`` = the
 image's colour channels), ``seed``, ``steps``, ``source``, ``source_sha256``, ``bits``, ``mode``,
 ``channels``, ``output_size`` (``[W, H]`` JSON), ``canvas`` (``[W, H]``), ``output`` (the config's
-output kind), ``renders_saved_image`` (``"true"`` unless ``output="ema"``), ``alpha``
+output kind), ``renders_saved_image`` (``"true"`` unless ``output="ema"`` with ``distill_steps=0``), ``alpha``
 (``"none"`` | ``"embedded"``), ``dtype``, ``weights_sha256``.
 """
 from __future__ import annotations
@@ -159,7 +161,7 @@ def _metadata(result, cfg: FitConfig, channels: int, dtype: str, canvas, out_hw,
         "output_size": json.dumps([int(out_hw[1]), int(out_hw[0])]),
         "canvas": json.dumps([int(canvas[1]), int(canvas[0])]),
         "output": cfg.output,
-        "renders_saved_image": "false" if cfg.output == "ema" else "true",
+        "renders_saved_image": "true" if cfg.renders_saved_image else "false",
         "alpha": "embedded" if img.alpha is not None else "none",
         "dtype": dtype,
         "weights_sha256": weights_sha,

@@ -185,15 +185,16 @@ def render_model(path, provider: str = "auto"):
 
 
 def img_note(model) -> str:
-    """A caveat for models whose render is not the saved image (output="ema")."""
+    """A caveat for models whose render is not the saved image (output="ema" with distill_steps=0)."""
     try:
         import onnx
         meta = {e.key: e.value for e in onnx.load(str(model), load_external_data=False).metadata_props}
     except Exception:  # noqa: BLE001
         return ""
     if meta.get("renders_saved_image") == "false":
-        return ("this result was fitted with output='ema' (the average of the outputs), which no single network "
-                "renders; the file holds the last weights, so this render differs from the job's PNG")
+        return ("this result was fitted with output='ema' and no distillation (--distill-steps 0): its image is "
+                "the average of the outputs, which no single network renders; the file holds the last weights, "
+                "so this render differs from the job's PNG")
     return ""
 
 

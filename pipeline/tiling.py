@@ -620,7 +620,7 @@ def tiled_files(result: TiledResult, stem: str, dtype: str = "fp32") -> dict[str
            "preset": p.cfg.preset, "seed": p.seed, "bits": result.image.bits, "mode": result.image.mode,
            "channels": p.image.channels, "output_size": [W, H], "factor": lay.factor, "tile": lay.tile,
            "overlap": lay.overlap, "onnx_dtype": dtype, "alpha": alpha_name,
-           "renders_saved_image": p.cfg.output != "ema",
+           "renders_saved_image": p.cfg.renders_saved_image,
            "weights": "per tile: outer(axis_weights(h, wy), axis_weights(w, wx)) where a rule (a, ra, b, rb) "
                       "is 1, times 0.5-0.5cos(pi(i+0.5)/ra) rising on [a, a+ra) and 0 before a (when a >= 0), "
                       "times the falling mirror on [b, b+rb) and 0 after (when b >= 0); "

@@ -60,9 +60,11 @@ def _levels(a: ImageData, b: ImageData) -> int:
 
 @pytest.fixture(scope="module")
 def rgb(tmp_path_factory):
-    """A fitted 37x45 RGB result (not a multiple of 16/32), its PNG and its fp32/fp16 exports."""
+    """A fitted 37x45 RGB result (not a multiple of 16/32), its PNG and its fp32/fp16 exports; the default
+    output (the output average, distilled into the generator)."""
     d = tmp_path_factory.mktemp("rgb")
-    res = restore(_smooth(37, 45, 3), preset="fast", steps=int(STEPS), seed=3, keep_weights=True, device="cpu", output="weights_ema")
+    res = restore(_smooth(37, 45, 3), preset="fast", steps=int(STEPS), seed=3, keep_weights=True, device="cpu")
+    assert res.problem.cfg.output == "ema" and res.problem.cfg.distill_steps > 0
     png, _ = res.save(d, "img")
     m32 = export.export_result(res, d / "img.onnx")
     m16 = export.export_result(res, d / "img16.onnx", dtype="fp16")
@@ -123,7 +125,7 @@ def test_file_holds_the_generator(rgb):
     assert meta["task"] == "denoise" and meta["preset"] == "fast" and meta["seed"] == "3"
     assert json.loads(meta["output_size"]) == [45, 37] and json.loads(meta["canvas"]) == [48, 48]
     assert meta["bits"] == "8" and meta["mode"] == "RGB" and meta["alpha"] == "none"
-    assert meta["renders_saved_image"] == "true" and meta["output"] == "weights_ema"
+    assert meta["renders_saved_image"] == "true" and meta["output"] == "ema"
     cfg = json.loads(meta["config"])
     assert cfg["steps"] == int(STEPS) and cfg["net"]["out_channels"] == 3
     assert meta["dip_version"]
@@ -157,6 +159,21 @@ def test_other_architectures_random_weights(net, tmp_path):
     assert np.abs(img.pixels - _torch_render(res)).max() <= 1e-4
 
 
+def test_undistilled_output_average_is_flagged(tmp_path, capsys):
+    """--distill-steps 0 saves the output average itself: the file says it does not render the PNG, and
+    dip render says so; the default (distilled) does render it."""
+    res = restore(_smooth(21, 19, 3), preset="fast", steps=int(STEPS), keep_weights=True, device="cpu",
+                  distill_steps=0)
+    path = export.export_result(res, tmp_path / "avg.onnx")
+    assert export.read_metadata(onnx.load(str(path)))["renders_saved_image"] == "false"
+    assert "differs from the job's PNG" in render.img_note(path)
+    img, _ = render.render_model(path, "cpu")
+    assert np.abs(img.pixels - _torch_render(res)).max() <= 1e-4  # the last generator, not the average
+    assert np.abs(img.pixels - res.image.pixels).max() > 1e-3
+    assert cli.main(["render", str(path), "--provider", "cpu"]) == 0
+    assert "differs from the job's PNG" in capsys.readouterr().out
+
+
 def test_sr_x2(tmp_path):
     lr = _smooth(19, 23, 3, seed=1)
     res = restore(lr, task="sr", scale=2, preset="fast", steps=int(STEPS), keep_weights=True, device="cpu", output="weights_ema")
@@ -185,9 +202,8 @@ def job(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # for the job's worker processes
     try:
-        # weights_ema: the output whose saved PNG the ONNX file re-renders exactly
         rc = cli.main(["restore", str(src), "--out", str(out), "--preset", "fast", "--steps", STEPS,
-                       "--device", "cpu", "--quiet", "--output", "weights_ema"])
+                       "--device", "cpu", "--quiet"])
     finally:
         for k, v in saved.items():
             if v is None:
