@@ -240,3 +240,20 @@ def test_onnx_bytes_are_written_by_the_driver(tmp_path, ray_session):
         pytest.skip(f"ONNX export failed in this environment: {js['job']['onnx_error']}")
     assert rec["outputs"]["onnx"] == "one.onnx"
     assert (out / "one.onnx").stat().st_size > 0
+
+
+def test_rerun_that_wants_onnx_refits_an_image_done_without_it(tmp_path, ray_session):
+    pytest.importorskip("pipeline.export")
+    write_png(tmp_path / "one.png", size=(24, 24))
+    out = tmp_path / "out"
+    args = [tmp_path / "one.png", "--out", out, "--steps", 2, "--preset", "fast", "--device", "cpu", "--quiet"]
+    assert restore(*args, "--no-export-onnx") == 0
+    assert not (out / "one.onnx").exists() and manifest(out)["runs"][-1]["counts"]["fitted"] == 1
+    assert restore(*args) == 0  # the same options, but now an ONNX is wanted: fitted again, not skipped
+    js = json.loads((out / "one.json").read_text())
+    if js["job"].get("onnx_error"):
+        pytest.skip(f"ONNX export failed in this environment: {js['job']['onnx_error']}")
+    assert manifest(out)["runs"][-1]["counts"]["fitted"] == 1
+    assert (out / "one.onnx").stat().st_size > 0 and manifest(out)["images"]["one"]["outputs"]["onnx"] == "one.onnx"
+    assert restore(*args) == 0  # and then it is done
+    assert manifest(out)["runs"][-1]["counts"]["fitted"] == 0
