@@ -255,7 +255,7 @@ class EvalStopper:
 
 
 # Rule settings replayed on every image's recorded traces (same window; result "last" and "mean").
-VARIANTS = [dict(rel_tol=t, patience=p) for t in (0.0, 0.1, 0.3, 0.5) for p in (4, 8, 16)]
+VARIANTS = [dict(rel_tol=t, patience=p) for t in (0.0, 0.1, 0.3, 0.5, 0.7, 0.8) for p in (4, 8, 16)]
 
 
 def replay_variants(row: dict, stop_cfg, variants=VARIANTS) -> list[dict]:
