@@ -150,9 +150,13 @@ def load_model(path):
 
 def render_model(path, provider: str = "auto"):
     """Render one dip ONNX file. Returns (ImageData, provider used). Raises RenderError / RuntimeError."""
+    return render_loaded(path, *load_model(path), provider)
+
+
+def render_loaded(path, data: bytes, meta: dict, provider: str = "auto"):
+    """:func:`render_model` for a file already read and checked by :func:`load_model`."""
     import json
     from pipeline.io import ImageData
-    data, meta = load_model(path)
     try:
         sess, used = make_session(data, provider)
     except RuntimeError as e:
@@ -184,13 +188,9 @@ def render_model(path, provider: str = "auto"):
     return ImageData(pixels, alpha, bits, str(path)), used
 
 
-def img_note(model) -> str:
-    """A caveat for models whose render is not the saved image (output="ema" with distill_steps=0)."""
-    try:
-        import onnx
-        meta = {e.key: e.value for e in onnx.load(str(model), load_external_data=False).metadata_props}
-    except Exception:  # noqa: BLE001
-        return ""
+def img_note(meta: dict) -> str:
+    """A caveat, from a model's metadata (:func:`load_model`), when its render is not the saved image
+    (output="ema" with distill_steps=0)."""
     if meta.get("renders_saved_image") == "false":
         return ("this result was fitted with output='ema' and no distillation (--distill-steps 0): its image is "
                 "the average of the outputs, which no single network renders; the file holds the last weights, "
@@ -205,13 +205,12 @@ def _render_name(m: Path) -> str:
 
 
 def _tile_models(layout: Path) -> set[Path]:
-    import json
-    try:
-        doc = json.loads(layout.read_text())
-        return {(layout.parent / t["model"]).resolve() for t in doc.get("tiles", []) if isinstance(t, dict)
-                and "model" in t}
-    except (OSError, ValueError, TypeError):
+    from pipeline.io import read_json
+    doc = read_json(layout)
+    tiles = doc.get("tiles") if isinstance(doc, dict) else None
+    if not isinstance(tiles, list):
         return set()
+    return {(layout.parent / t["model"]).resolve() for t in tiles if isinstance(t, dict) and "model" in t}
 
 
 def _targets(model_arg: Path, out_arg: str | None) -> list[tuple[Path, Path]]:
@@ -255,19 +254,21 @@ def main(args) -> int:
     failures = []
     for model, dest in pairs:
         t = time.perf_counter()
+        note = ""
         try:
             if model.name.endswith(".tiles.json"):  # a tiled image: one model per tile, blended
                 from pipeline.tiling import render_tiled
                 img, used = render_tiled(model, provider), f"{provider} (tiles)"
             else:
-                img, used = render_model(model, provider)
+                data, meta = load_model(model)  # read once: for the render and for its note
+                img, used = render_loaded(model, data, meta, provider)
+                note = img_note(meta)
             save_image(dest, img)
         except (RenderError, ImageError, OSError) as e:
             failures.append(str(e))
             print(f"dip: {e}", file=sys.stderr)
             continue
         print(f"{model} -> {dest} ({used}, {time.perf_counter() - t:.2f} s)")
-        note = img_note(model) if model.suffix == ".onnx" else None
         if note:
             print(f"  note: {note}")
     if failures:

@@ -166,7 +166,7 @@ def test_undistilled_output_average_is_flagged(tmp_path, capsys):
                   distill_steps=0)
     path = export.export_result(res, tmp_path / "avg.onnx")
     assert export.read_metadata(onnx.load(str(path)))["renders_saved_image"] == "false"
-    assert "differs from the job's PNG" in render.img_note(path)
+    assert "differs from the job's PNG" in render.img_note(render.load_model(path)[1])
     img, _ = render.render_model(path, "cpu")
     assert np.abs(img.pixels - _torch_render(res)).max() <= 1e-4  # the last generator, not the average
     assert np.abs(img.pixels - res.image.pixels).max() > 1e-3
