@@ -399,29 +399,27 @@ class _Driver:
             if js.exists() and png.exists() and not self.args.overwrite:
                 old = read_json(js)
                 old_job = old.get("job") if isinstance(old, dict) and isinstance(old.get("job"), dict) else {}
-                has_onnx = (dest.with_name(dest.name + ".onnx").exists()
-                            or dest.with_name(dest.name + ".tiles.json").exists())
-                # done with the same hash, but without the ONNX this run asks for (an earlier run had
-                # --no-export-onnx, or the file was removed): fit it again, since the weights are not kept
-                missing_onnx = (old_job.get("hash") == h and getattr(self.args, "export_onnx", False)
-                                and not has_onnx and not old_job.get("onnx_error"))
-                if old_job.get("hash") == h and not missing_onnx:
-                    keep = {k: old_job.get(k) for k in ("started", "finished", "seconds", "attempts", "worker")}
-                    if prev.get("status") == "done" and prev.get("hash") == h:
-                        keep = {k: prev.get(k) for k in keep}
-                    self.manifest.put(it.id, {**prev, **rec, **keep, "status": "done", "error": None,
-                                              "outputs": _outputs(it.id, dest.with_name(dest.name + ".onnx").exists()),
-                                              "run": prev.get("run", old_job.get("run", self.manifest.run_no))})
-                    self._final(it.id, "done")
-                    return None
-                if missing_onnx:
-                    log.info("%s: done before without its .onnx; fitting it again to export one", png)
-                else:
+                if old_job.get("hash") != h:
                     rec["existing"] = {k: old_job.get(k) for k in ("hash", "options_sha256", "input_sha256",
                                                                    "finished")}
                     self._fail(it.id, f"{png}: exists with different options (input or config changed since it "
                                       f"was made); pass --overwrite to replace it, or use another --out",
                                status="skipped")
+                    return None
+                has_onnx = dest.with_name(dest.name + ".onnx").exists()
+                # done with the same hash, but without the ONNX this run asks for (an earlier run had
+                # --no-export-onnx, or the file was removed): fit it again, since the weights are not kept
+                if (getattr(self.args, "export_onnx", False) and not old_job.get("onnx_error")
+                        and not (has_onnx or dest.with_name(dest.name + ".tiles.json").exists())):
+                    log.info("%s: done before without its .onnx; fitting it again to export one", png)
+                else:
+                    keep = {k: old_job.get(k) for k in ("started", "finished", "seconds", "attempts", "worker")}
+                    if prev.get("status") == "done" and prev.get("hash") == h:
+                        keep = {k: prev.get(k) for k in keep}
+                    self.manifest.put(it.id, {**prev, **rec, **keep, "status": "done", "error": None,
+                                              "outputs": _outputs(it.id, has_onnx),
+                                              "run": prev.get("run", old_job.get("run", self.manifest.run_no))})
+                    self._final(it.id, "done")
                     return None
             p = make_problem(it.input, task=cfg.task, mask=it.mask, reference=it.reference, seed=cfg.seed, cfg=cfg)
         except Exception as e:  # noqa: BLE001  (ImageError, ValueError, OSError, ...: one line, and go on)
