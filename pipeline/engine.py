@@ -13,8 +13,9 @@ Per step, for every occupied slot s:
     averages: out_ema_s (outputs) or w_ema_s (weights), each slot from its own first step
 
 With ``output="ema"`` and ``distill_steps`` > 0, a slot whose fit has ended is not released at once:
-for N = min(distill_steps, ceil(its steps / 10)) more steps it fits its own output average (the result image, on the output canvas) with z fixed
-and no input noise, Adam carrying on, and its result is then the generator's render G_s(z). So the saved
+for N = min(distill_steps, ceil(its steps / 10)) more steps it fits its own output average (the result
+image, on the output canvas) with z fixed and no input noise, Adam carrying on, and its result is then
+the generator's render G_s(z). So the saved
 image is one network's output, which its ONNX export re-renders exactly (docs/onnx.md).
 
 Nothing in a step waits for the host: per-slot scalars live on the device and are expanded to the
@@ -118,7 +119,7 @@ class BatchedFitter:
         self.good = torch.zeros(n, device=dev)  # last good weights (divergence recovery)
         self.w_ema = torch.zeros(n, device=dev) if cfg.output == "weights_ema" else None
         self.out_ema = torch.zeros(B, channels, self.H, self.W, device=dev) if cfg.output == "ema" else None
-        self.distill = cfg.output == "ema" and cfg.distill_steps > 0
+        self.distill = distill_steps(cfg, 1) > 0
         self.dtarget = torch.zeros(B, channels, self.H, self.W, device=dev) if self.distill else None
         self.phase = torch.zeros(B, device=dev)  # 1 while a slot is distilling
         self.distilling = [False] * B
@@ -194,7 +195,7 @@ class BatchedFitter:
         self.items[s] = item
         self.steps_done[s] = 0
         self.budget[s] = int(item.steps or cfg.steps)
-        self._ensure_hist(self.budget[s] + (cfg.distill_steps if self.distill else 0))
+        self._ensure_hist(self.budget[s] + distill_steps(cfg, self.budget[s]))
         self.phase[s] = 0
         self.distilling[s] = False
         self.started[s] = time.perf_counter()
