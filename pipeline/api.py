@@ -21,7 +21,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from pipeline.config import FitConfig, make_config
-from pipeline.io import ImageData, ImageError, MIN_SIDE, load_image, load_mask, save_image, write_json, file_sha256
+from pipeline.io import (ImageData, ImageError, MIN_SIDE, file_sha256, load_image, load_mask, meta_summary, save_image,
+                         scaled_meta, write_json)
 
 log = logging.getLogger("dip")
 VERSION = "0.1.0"
@@ -158,6 +159,7 @@ class Result:
             "metrics": self.metrics,
             "config": p.cfg.to_dict(),
             "loss": [float(f"{x:.6g}") for x in self.loss],
+            **({"source_metadata": meta_summary(self.image.meta)} if self.image.meta else {}),
             **p.meta,
             **self.extra,
         }
@@ -192,7 +194,7 @@ def from_fit(p: Problem, fit, device: str) -> Result:
         from PIL import Image
         alpha = np.asarray(Image.fromarray(alpha.astype(np.float32), mode="F").resize((W, H), Image.LANCZOS))
         alpha = np.clip(alpha, 0, 1).astype(np.float32)
-    img = ImageData(np.clip(px, 0, 1), alpha, p.image.bits, "")
+    img = ImageData(np.clip(px, 0, 1), alpha, p.image.bits, "", scaled_meta(p.image.meta, p.factor))
     res = Result(problem=p, image=img, steps=fit.steps, seconds=fit.seconds, loss=fit.loss.tolist(),
                  restores=fit.restores, stop_reason=fit.stop_reason, device=device, extra=dict(fit.extra),
                  weights=fit.weights, z=fit.z)

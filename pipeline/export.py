@@ -46,7 +46,9 @@ Metadata (``model.metadata_props``, all strings): ``dip_format="dip-onnx"``, ``d
 image's colour channels), ``seed``, ``steps``, ``source``, ``source_sha256``, ``bits``, ``mode``,
 ``channels``, ``output_size`` (``[W, H]`` JSON), ``canvas`` (``[W, H]``), ``output`` (the config's
 output kind), ``renders_saved_image`` (``"true"`` unless ``output="ema"`` with ``distill_steps=0``), ``alpha``
-(``"none"`` | ``"embedded"``), ``dtype``, ``weights_sha256``.
+(``"none"`` | ``"embedded"``), ``source_metadata`` (the ICC profile, dpi and EXIF carried from the source,
+as :func:`pipeline.io.encode_meta` writes them: ``dip render`` puts them in its PNG as the job does),
+``dtype``, ``weights_sha256``.
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ from torch import nn
 
 from pipeline.config import FitConfig, NetConfig
 from pipeline.generator import BN_EPS, SkipGenerator, build_specs
+from pipeline.io import encode_meta
 
 FORMAT = "dip-onnx"
 FORMAT_VERSION = 1
@@ -163,6 +166,7 @@ def _metadata(result, cfg: FitConfig, channels: int, dtype: str, canvas, out_hw,
         "output": cfg.output,
         "renders_saved_image": "true" if cfg.renders_saved_image else "false",
         "alpha": "embedded" if img.alpha is not None else "none",
+        "source_metadata": encode_meta(img.meta),
         "dtype": dtype,
         "weights_sha256": weights_sha,
     }

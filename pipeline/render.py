@@ -156,7 +156,7 @@ def render_model(path, provider: str = "auto"):
 def render_loaded(path, data: bytes, meta: dict, provider: str = "auto"):
     """:func:`render_model` for a file already read and checked by :func:`load_model`."""
     import json
-    from pipeline.io import ImageData
+    from pipeline.io import ImageData, decode_meta
     try:
         sess, used = make_session(data, provider)
     except RuntimeError as e:
@@ -185,7 +185,11 @@ def render_loaded(path, data: bytes, meta: dict, provider: str = "auto"):
         alpha = (a.astype(np.float32) / (65535.0 if bits == 16 else 255.0)).reshape(H, W)
     elif meta.get("alpha", "none") != "none":
         raise RenderError(path, "the metadata says there is an alpha plane, but the model has no 'alpha' output")
-    return ImageData(pixels, alpha, bits, str(path)), used
+    try:
+        carried = decode_meta(meta.get("source_metadata"))
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise RenderError(path, f"bad source_metadata: {e}") from None
+    return ImageData(pixels, alpha, bits, str(path), carried), used
 
 
 def img_note(meta: dict) -> str:

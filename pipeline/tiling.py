@@ -51,7 +51,7 @@ import numpy as np
 
 from pipeline.api import VERSION, Problem, Result
 from pipeline.api import metrics as _metrics
-from pipeline.io import ImageData, ImageError
+from pipeline.io import ImageData, ImageError, decode_meta, encode_meta, scaled_meta
 
 log = logging.getLogger("dip.tiling")
 
@@ -444,7 +444,7 @@ class Merger:
             from PIL import Image
             alpha = np.asarray(Image.fromarray(alpha.astype(np.float32), mode="F").resize((W, H), Image.LANCZOS))
             alpha = np.clip(alpha, 0, 1).astype(np.float32)
-        img = ImageData(px, alpha, p.image.bits, "")
+        img = ImageData(px, alpha, p.image.bits, "", scaled_meta(p.image.meta, p.factor))
         rs = [self.results[i] for i in sorted(self.results)]
         reasons = sorted({r.stop_reason for r in rs}) or ["copied"]
         losses = [r.loss for r in rs if r.loss]
@@ -621,6 +621,7 @@ def tiled_files(result: TiledResult, stem: str, dtype: str = "fp32") -> dict[str
            "channels": p.image.channels, "output_size": [W, H], "factor": lay.factor, "tile": lay.tile,
            "overlap": lay.overlap, "onnx_dtype": dtype, "alpha": alpha_name,
            "renders_saved_image": p.cfg.renders_saved_image,
+           "source_metadata": encode_meta(result.image.meta),
            "weights": "per tile: outer(axis_weights(h, wy), axis_weights(w, wx)) where a rule (a, ra, b, rb) "
                       "is 1, times 0.5-0.5cos(pi(i+0.5)/ra) rising on [a, a+ra) and 0 before a (when a >= 0), "
                       "times the falling mirror on [b, b+rb) and 0 after (when b >= 0); "
@@ -693,4 +694,8 @@ def render_tiled(layout_path, provider: str = "auto") -> ImageData:
         except ImageError as err:
             raise RenderError(base / doc["alpha"], err.reason) from None
         alpha = a.pixels[:, :, 0]
-    return ImageData(np.clip(acc / wsum[:, :, None], 0.0, 1.0), alpha, bits, str(layout_path))
+    try:
+        carried = decode_meta(doc.get("source_metadata"))
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise RenderError(layout_path, f"bad source_metadata: {e}") from None
+    return ImageData(np.clip(acc / wsum[:, :, None], 0.0, 1.0), alpha, bits, str(layout_path), carried)

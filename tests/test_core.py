@@ -1,6 +1,7 @@
 """Core engine: operators, generator, fitting, I/O, CLI. Real fits on tiny images."""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -298,6 +299,77 @@ def test_16bit_tiff_and_exif_orientation(tmp_path):
     save_image(tmp_path / "b.png", img)
     back = load_image(tmp_path / "b.png")
     assert back.bits == 16 and np.array_equal(np.rint(back.pixels * 65535), arr)
+
+
+@functools.lru_cache(maxsize=None)
+def _srgb_icc() -> bytes:
+    """An sRGB profile (made once: its header holds the time it was made)."""
+    from PIL import ImageCms
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def _png_chunks(path) -> list[bytes]:
+    import struct
+    data, i, kinds = Path(path).read_bytes(), 8, []
+    while i < len(data):
+        n = struct.unpack(">I", data[i:i + 4])[0]
+        kinds.append(data[i + 4:i + 8])
+        i += 12 + n
+    return kinds
+
+
+def test_icc_profile_dpi_and_exif_are_carried_to_the_output(tmp_path):
+    """An archive's colour profile, resolution and EXIF survive load -> save, in the 8-bit (Pillow) and the
+    16-bit colour (pypng) writers; EXIF orientation is applied to the pixels and dropped from the tags."""
+    import tifffile
+    from PIL import ImageCms
+    from pipeline.io import ImageData, meta_summary, scaled_meta
+    icc = _srgb_icc()
+    rng = np.random.default_rng(0)
+    exif = Image.Exif()
+    exif[0x010F] = "ScanCo"  # Make
+    exif[0x0112] = 6  # orientation: rotate on display
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(
+        tmp_path / "scan.jpg", icc_profile=icc, dpi=(600, 600), exif=exif)
+    img = load_image(tmp_path / "scan.jpg")
+    assert img.shape == (30, 20)
+    assert img.meta["icc_profile"] == icc and img.meta["dpi"] == pytest.approx((600, 600))
+    tags = Image.Exif()
+    tags.load(img.meta["exif"])
+    assert tags.get(0x010F) == "ScanCo" and 0x0112 not in tags
+    for bits in (8, 16):
+        out = tmp_path / f"out{bits}.png"
+        save_image(out, ImageData(img.pixels, None, bits, "", img.meta))
+        with Image.open(out) as im:  # Pillow checks every chunk's CRC as it reads them
+            im.load()
+            assert im.info["icc_profile"] == icc
+            assert im.info["dpi"] == pytest.approx((600, 600), abs=0.01)
+            assert im.getexif().get(0x010F) == "ScanCo"
+        kinds = _png_chunks(out)
+        assert kinds[0] == b"IHDR" and max(kinds.index(k) for k in (b"iCCP", b"pHYs", b"eXIf")) < kinds.index(b"IDAT")
+        back = load_image(out)
+        assert back.bits == bits and back.meta["icc_profile"] == icc
+    summary = meta_summary(img.meta)
+    assert summary["icc_profile"] == {"description": ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(
+        ImageCms.createProfile("sRGB"))).strip(), "bytes": len(icc)}
+    assert summary["dpi"] == [600, 600] and summary["exif_bytes"] > 0
+    assert scaled_meta(img.meta, 4)["dpi"] == pytest.approx((2400, 2400))  # SR: same paper, 4x the pixels
+    # 16-bit TIFF (tifffile reads the pixels, Pillow the tags)
+    tifffile.imwrite(tmp_path / "a.tif", rng.integers(0, 65536, (20, 30, 3), dtype=np.uint16), iccprofile=icc,
+                     resolution=(300, 300), resolutionunit="INCH")
+    t = load_image(tmp_path / "a.tif")
+    assert t.bits == 16 and t.meta["icc_profile"] == icc and t.meta["dpi"] == pytest.approx((300, 300))
+    # a CMYK JPEG becomes RGB: its CMYK profile would mislabel the output, so it is dropped, and said so
+    fake_cmyk = bytearray(icc)
+    fake_cmyk[16:20] = b"CMYK"
+    Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8), "CMYK").save(
+        tmp_path / "c.jpg", icc_profile=bytes(fake_cmyk))
+    c = load_image(tmp_path / "c.jpg")
+    assert c.channels == 3 and "icc_profile" not in c.meta
+    assert "CMYK profile" in c.meta["dropped"][0]
+    # an RGB profile is never written into a grey PNG
+    save_image(tmp_path / "g.png", ImageData(img.pixels[:, :, :1], None, 8, "", img.meta))
+    assert "icc_profile" not in Image.open(tmp_path / "g.png").info
 
 
 # ---- bad input -------------------------------------------------------------------------------------

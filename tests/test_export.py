@@ -5,6 +5,7 @@ Small images, the "fast" preset and 20 steps keep this file well under a minute 
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 from types import SimpleNamespace
@@ -50,6 +51,13 @@ def _torch_render(result) -> np.ndarray:
         y = G(result.z.unsqueeze(0))[0]
     H, W = p.out_shape
     return y[:, :H, :W].numpy().transpose(1, 2, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _srgb_icc() -> bytes:
+    """An sRGB profile (made once: its header holds the time it was made)."""
+    from PIL import ImageCms
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
 def _levels(a: ImageData, b: ImageData) -> int:
@@ -175,12 +183,17 @@ def test_undistilled_output_average_is_flagged(tmp_path, capsys):
 
 
 def test_sr_x2(tmp_path):
-    lr = _smooth(19, 23, 3, seed=1)
+    lr = ImageData(_smooth(19, 23, 3, seed=1), None, 8, "", {"dpi": (150.0, 150.0), "icc_profile": _srgb_icc()})
     res = restore(lr, task="sr", scale=2, preset="fast", steps=int(STEPS), keep_weights=True, device="cpu", output="weights_ema")
-    png, _ = res.save(tmp_path, "sr")
+    png, js = res.save(tmp_path, "sr")
     path = export.export_result(res, tmp_path / "sr.onnx")
     img, _ = render.render_model(path, "cpu")
     assert img.pixels.shape == (38, 46, 3)
+    # the source's profile and resolution reach the PNG, the JSON and the render; twice the pixels on the
+    # same paper: twice the dpi
+    for d in (load_image(png).meta, img.meta):
+        assert d["icc_profile"] == lr.meta["icc_profile"] and d["dpi"] == pytest.approx((300, 300), abs=0.01)
+    assert json.loads(js.read_text())["source_metadata"]["dpi"] == [300, 300]
     assert np.abs(img.pixels - _torch_render(res)).max() <= 1e-4
     assert _levels(img, load_image(png)) <= 1
     meta = export.read_metadata(onnx.load(str(path)))
@@ -197,7 +210,7 @@ def job(tmp_path_factory):
     save_image(src / "grey16.png", ImageData(g, None, 16))
     a = _smooth(26, 21, 3, seed=4)
     alpha = np.linspace(0, 1, 26 * 21, dtype=np.float32).reshape(26, 21)
-    save_image(src / "sub" / "rgba.png", ImageData(a, alpha, 8))
+    save_image(src / "sub" / "rgba.png", ImageData(a, alpha, 8, "", {"icc_profile": _srgb_icc(), "dpi": (400.0, 400.0)}))
     import os
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # for the job's worker processes
@@ -232,6 +245,9 @@ def test_cli_restore_writes_onnx_and_render_dir_matches(job, capsys):
     assert rgba.alpha is not None and rgba.bits == 8
     assert _levels(rgba, rgba_job) <= 1
     np.testing.assert_array_equal(rgba.alpha, rgba_job.alpha)  # alpha is carried in the file, exactly
+    for d in (rgba.meta, rgba_job.meta):  # so are the source's colour profile and resolution, through Ray
+        assert d["icc_profile"] == _srgb_icc() and d["dpi"] == pytest.approx((400, 400), abs=0.01)
+    assert g16.meta == g16_job.meta == {}
     meta = export.read_metadata(onnx.load(str(job / "sub" / "rgba.onnx")))
     assert meta["mode"] == "RGBA" and meta["alpha"] == "embedded"
 

@@ -309,7 +309,7 @@ def test_cli_tiles_a_large_image_and_render_reassembles_it(tmp_path, capsys):
     from pipeline.cli import main as cli_main
     from pipeline.io import load_image
     rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "big.png", dpi=(300, 300))
     out = tmp_path / "out"
     rc = cli_main(["restore", str(tmp_path / "big.png"), "--out", str(out), "--tile", "32", "--tile-overlap", "8",
                    "--steps", "2", "--device", "cpu", "--quiet"])
@@ -323,5 +323,6 @@ def test_cli_tiles_a_large_image_and_render_reassembles_it(tmp_path, capsys):
     saved = load_image(out / "big.png")
     assert rendered.shape == saved.shape
     assert np.abs(rendered.pixels - saved.pixels).max() * 255 <= 1.5
+    assert rendered.meta["dpi"] == saved.meta["dpi"] == pytest.approx((300, 300), abs=0.01)
     assert not list(out.glob("big.t*.render.png"))  # the tiles are not rendered one by one
     assert cli_main(["restore", str(tmp_path / "big.png"), "--out", str(out), "--tile", "4"]) == 2
