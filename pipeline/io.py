@@ -362,6 +362,11 @@ def write_bytes(path, data: bytes) -> None:
 
 def save_image(path, data: ImageData) -> None:
     """Write ``data`` as a PNG with its own layout, bit depth and carried metadata, atomically."""
+    write_bytes(path, encode_png(data))
+
+
+def encode_png(data: ImageData) -> bytes:
+    """The PNG file :func:`save_image` writes, as bytes."""
     arr = to_uint(data.pixels, data.bits)
     if data.alpha is not None:
         arr = np.concatenate([arr, to_uint(data.alpha, data.bits)[:, :, None]], axis=2)
@@ -375,7 +380,7 @@ def save_image(path, data: ImageData) -> None:
         writer.write(buf, arr.reshape(h, w * c).tolist())
     else:
         Image.fromarray(arr).save(buf, format="PNG")
-    write_bytes(path, _with_meta(buf.getvalue(), data.meta, data.channels))
+    return _with_meta(buf.getvalue(), data.meta, data.channels)
 
 
 def write_json(path, obj) -> None:

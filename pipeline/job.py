@@ -114,7 +114,6 @@ class FitWorker:
         self.use_kernels = use_kernels
         self.keep_weights = keep_weights
         self.onnx_dtype = onnx_dtype
-        self.tmp = Path(tempfile.mkdtemp(prefix="dip-worker-"))
 
     def info(self) -> dict:
         import ray
@@ -144,28 +143,21 @@ class FitWorker:
                 yield {"kind": "error", "id": key, "error": f"encoding the result: {_one_line(e)}", "time": now_iso()}
 
     def _encode(self, key: str, res) -> dict:
-        d = Path(tempfile.mkdtemp(dir=self.tmp))
-        try:
-            png, _ = res.save(d, "r")
-            ev = {"png": png.read_bytes(), "record": res.record(), "onnx": None, "onnx_error": None}
-            if self.keep_weights:
-                try:
-                    from pipeline import export, tiling
-                    if isinstance(res, tiling.TiledResult):  # one model per tile + <stem>.tiles.json
-                        ev["onnx_files"] = tiling.tiled_files(res, Path(key).name, self.onnx_dtype)
-                    else:
-                        onnx = d / "r.onnx"
-                        export.export_result(res, onnx, dtype=self.onnx_dtype)
-                        ev["onnx"] = onnx.read_bytes()
-                except ImportError:
-                    pass
-                except Exception as e:  # noqa: BLE001
-                    ev["onnx_error"] = _one_line(e)
-            return ev
-        finally:
-            for f in d.iterdir():
-                f.unlink()
-            d.rmdir()
+        """The result's files as bytes, for the driver to write (nothing is written here)."""
+        from pipeline.io import encode_png
+        ev = {"png": encode_png(res.image), "record": res.record(), "onnx": None, "onnx_error": None}
+        if self.keep_weights:
+            try:
+                from pipeline import export, tiling
+                if isinstance(res, tiling.TiledResult):  # one model per tile + <stem>.tiles.json
+                    ev["onnx_files"] = tiling.tiled_files(res, Path(key).name, self.onnx_dtype)
+                else:
+                    ev["onnx"] = export.to_onnx_model(res, dtype=self.onnx_dtype).SerializeToString()
+            except ImportError:
+                pass
+            except Exception as e:  # noqa: BLE001
+                ev["onnx_error"] = _one_line(e)
+        return ev
 
 
 def _one_line(e: BaseException) -> str:

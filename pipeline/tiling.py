@@ -574,46 +574,41 @@ def tiled_files(result: TiledResult, stem: str, dtype: str = "fp32") -> dict[str
     """The files of a tiled image's ONNX export, name -> bytes: ``<stem>.tNNN.onnx`` per fitted tile,
     ``<stem>.tNNN.png`` per copied tile, ``<stem>.tiles.alpha.png`` when the image has alpha, and the
     layout ``<stem>.tiles.json`` (listed last: write it last, it is the one ``dip render`` reads)."""
-    import tempfile
-
     from pipeline.export import to_onnx_model
     from pipeline.generator import make_input
-    from pipeline.io import save_image
+    from pipeline.io import encode_png
     lay = result.layout
     p = lay.problem
     files: dict[str, bytes] = {}
     entries = []
-    with tempfile.TemporaryDirectory(prefix="dip-tiles-") as d:
-        for t in lay.tiles:
-            e = {**t.to_dict()}
-            if t.index in lay.copied:
-                y0, x0, y1, x1 = t.box
-                name = f"{stem}.t{t.index:03d}.png"
-                save_image(Path(d) / name, ImageData(p.image.pixels[y0:y1, x0:x1], None, p.image.bits))
-                files[name] = (Path(d) / name).read_bytes()
-                e["image"] = name
-            else:
-                r = result.tiles[t.index]
-                if r.weights is None:
-                    raise ValueError("the tiles have no generator weights: fit with keep_weights=True")
-                cfg = r.problem.cfg
-                if r.z is None:
-                    H, W = r.problem.canvas
-                    r = dataclasses.replace(r, z=make_input(cfg.input_kind, cfg.net.input_depth, H, W, r.problem.seed,
-                                                            cfg.input_scale))
-                # the tile's ImageData (pixels dropped after merging) only lends bits/mode to the metadata
-                r = dataclasses.replace(r, image=ImageData(np.zeros((1, 1, p.image.channels), np.float32), None,
-                                                           p.image.bits))
-                name = f"{stem}.t{t.index:03d}.onnx"
-                files[name] = to_onnx_model(r, dtype=dtype).SerializeToString()
-                e["model"] = name
-            entries.append(e)
-        alpha_name = None
-        if result.image.alpha is not None:
-            alpha_name = f"{stem}.tiles.alpha.png"
-            a = result.image.alpha
-            save_image(Path(d) / alpha_name, ImageData(a[:, :, None], None, result.image.bits))
-            files[alpha_name] = (Path(d) / alpha_name).read_bytes()
+    for t in lay.tiles:
+        e = {**t.to_dict()}
+        if t.index in lay.copied:
+            y0, x0, y1, x1 = t.box
+            name = f"{stem}.t{t.index:03d}.png"
+            files[name] = encode_png(ImageData(p.image.pixels[y0:y1, x0:x1], None, p.image.bits))
+            e["image"] = name
+        else:
+            r = result.tiles[t.index]
+            if r.weights is None:
+                raise ValueError("the tiles have no generator weights: fit with keep_weights=True")
+            cfg = r.problem.cfg
+            if r.z is None:
+                H, W = r.problem.canvas
+                r = dataclasses.replace(r, z=make_input(cfg.input_kind, cfg.net.input_depth, H, W, r.problem.seed,
+                                                        cfg.input_scale))
+            # the tile's ImageData (pixels dropped after merging) only lends bits/mode to the metadata
+            r = dataclasses.replace(r, image=ImageData(np.zeros((1, 1, p.image.channels), np.float32), None,
+                                                       p.image.bits))
+            name = f"{stem}.t{t.index:03d}.onnx"
+            files[name] = to_onnx_model(r, dtype=dtype).SerializeToString()
+            e["model"] = name
+        entries.append(e)
+    alpha_name = None
+    if result.image.alpha is not None:
+        alpha_name = f"{stem}.tiles.alpha.png"
+        a = result.image.alpha
+        files[alpha_name] = encode_png(ImageData(a[:, :, None], None, result.image.bits))
     H, W = lay.out_shape
     doc = {"dip_format": LAYOUT_FORMAT, "dip_format_version": LAYOUT_VERSION, "dip_version": VERSION,
            "source": p.source or p.name, "source_sha256": p.source_sha256, "task": p.cfg.task,

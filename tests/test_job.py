@@ -257,3 +257,28 @@ def test_rerun_that_wants_onnx_refits_an_image_done_without_it(tmp_path, ray_ses
     assert (out / "one.onnx").stat().st_size > 0 and manifest(out)["images"]["one"]["outputs"]["onnx"] == "one.onnx"
     assert restore(*args) == 0  # and then it is done
     assert manifest(out)["runs"][-1]["counts"]["fitted"] == 0
+
+
+def test_worker_encodes_results_in_memory_and_leaves_no_temporary_files(tmp_path, monkeypatch):
+    """The actor hands the driver its PNG and ONNX as bytes; it once made a temporary folder per actor and
+    never removed it (hundreds were left in /tmp after a day of test runs)."""
+    import tempfile
+
+    import numpy as np
+
+    from pipeline.api import restore as api_restore
+    from pipeline.io import ImageData
+    from pipeline.job import FitWorker
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    w = FitWorker("cpu", None, None, keep_weights=True, onnx_dtype="fp32")
+    img = ImageData(np.full((16, 16, 3), 0.5, np.float32), None, 8, "", {"dpi": (300.0, 300.0)})
+    res = api_restore(img, preset="fast", steps=2, keep_weights=True, device="cpu")
+    ev = w._encode("a/b", res)
+    assert ev["png"].startswith(b"\x89PNG") and b"pHYs" in ev["png"] and ev["record"]["steps"] == res.steps
+    onnx = pytest.importorskip("onnx")
+    assert ev["onnx_error"] is None
+    meta = {e.key: e.value for e in onnx.load_from_string(ev["onnx"]).metadata_props}
+    assert meta["dip_format"] == "dip-onnx" and "300" in meta["source_metadata"]
+    assert list(scratch.iterdir()) == []
