@@ -4,6 +4,11 @@ The single fit is the engine with one slot in TF32 (what the original ran: cuDNN
 are PyTorch's default). The batched runs step B fits at once. Reported per configuration: the time of
 one step, fit-steps/s, images/hour for the preset's step count, the ratio to the single fit, the
 achieved TFLOP/s against an analytic FLOP count, and the peak memory per fit.
+
+``--conv grouped,loop`` times both ways of running the B slots' convolutions (one grouped convolution,
+or one ordinary convolution per slot). ``--profile N`` profiles N more steps of every batched
+configuration with torch.profiler and reports where the time goes, by kind of kernel (GPU kernel time on
+CUDA, operator self time on the CPU), with the top kernels; all of it goes into the JSON.
 """
 from __future__ import annotations
 
@@ -39,14 +44,82 @@ def conv_flops(cfg, h: int, w: int, channels: int = 3) -> float:
     return flops
 
 
-def time_config(cfg, size: int, slots: int, steps: int, device, warmup: int = 3) -> dict:
+# kinds of kernel / operator, matched in this order against the lower-cased name
+KINDS = (
+    ("pad", ("reflection_pad", "reflect", "constant_pad")),
+    ("batchnorm", ("batch_norm", "batchnorm", "bn_fw", "bn_bw", "welford", "native_batch_norm")),
+    ("layout", ("nchwtonhwc", "nhwctonchw", "nchw", "nhwc", "transpose", "permute", "contiguous", "copy")),
+    ("conv", ("conv", "cudnn", "gemm", "xmma", "cutlass", "wgrad", "dgrad", "fprop", "implicit", "winograd",
+              "sm80", "sm90", "mkldnn", "mkl", "im2col")),
+    ("upsample", ("upsample", "interpolate")),
+    ("activation", ("leaky", "sigmoid")),
+    ("concat", ("cat", "concat")),
+    ("reduce", ("reduce", "sum", "mean", "norm")),
+    ("elementwise", ("elementwise", "vectorized", "mul", "add", "sub", "div", "sqrt", "where", "fill", "pow",
+                     "repeat_interleave", "index", "scatter", "clamp")),
+)
+
+
+def kind_of(name: str) -> str:
+    n = name.lower()
+    for kind, keys in KINDS:
+        if any(k in n for k in keys):
+            return kind
+    return "other"
+
+
+def profile_steps(fit, steps: int, dev) -> dict:
+    """Profile ``steps`` calls of ``fit.step()``: time per step by kind of kernel, and the top kernels.
+
+    On CUDA this is GPU kernel time (what bounds the step once launches overlap); on the CPU, the self
+    time of each operator. The times are per step, in ms."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    cuda = dev.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fit.step()
+        if cuda:
+            torch.cuda.synchronize(dev)
+    rows = []
+    for e in prof.key_averages():
+        if cuda:
+            # kernels are device-side events with self device time; operators carry it only as a total
+            us = getattr(e, "self_device_time_total", None)
+            if us is None:
+                us = getattr(e, "self_cuda_time_total", 0)
+            if str(getattr(e, "device_type", "")).endswith("CPU"):
+                continue
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            rows.append((e.key, us / 1e3 / steps, e.count // steps))
+    total = sum(ms for _, ms, _ in rows) or 1.0
+    kinds: dict[str, float] = {}
+    for name, ms, _ in rows:
+        k = kind_of(name)
+        kinds[k] = kinds.get(k, 0.0) + ms
+    top = sorted(rows, key=lambda r: -r[1])[:12]
+    return {
+        "what": "GPU kernel time" if cuda else "CPU operator self time",
+        "steps": steps,
+        "ms_per_step": round(total, 3),
+        "by_kind": {k: {"ms": round(v, 3), "share": round(v / total, 3)}
+                    for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top": [{"name": n[:120], "kind": kind_of(n), "ms": round(ms, 3), "calls": c} for n, ms, c in top],
+    }
+
+
+def time_config(cfg, size: int, slots: int, steps: int, device, warmup: int = 3, conv: str = "auto",
+                profile: int = 0) -> dict:
     import torch
     from pipeline.engine import BatchedFitter, FitItem
     dev = torch.device(device)
     rng = np.random.default_rng(0)
     f = cfg.scale if cfg.task == "sr" else 1
     h = size // f
-    fit = BatchedFitter(cfg, (size, size), 3, slots, dev)
+    fit = BatchedFitter(cfg, (size, size), 3, slots, dev, conv=conv)
     for s in range(slots):
         fit.load(s, FitItem(s, rng.random((3, h, h), dtype=np.float32), np.ones((1, h, h), np.float32), seed=s))
     if dev.type == "cuda":
@@ -64,13 +137,17 @@ def time_config(cfg, size: int, slots: int, steps: int, device, warmup: int = 3)
     dt = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
     fl = 3.0 * conv_flops(cfg, size, size) * slots  # forward + backward (2x forward)
-    return {
-        "precision": cfg.precision, "size": size, "slots": slots, "step_ms": round(dt * 1e3, 3),
+    row = {
+        "precision": cfg.precision, "size": size, "slots": slots, "conv": "grouped" if fit.G.grouped else "loop",
+        "step_ms": round(dt * 1e3, 3),
         "fit_steps_per_s": round(slots / dt, 2),
         "images_per_hour": round(3600 * slots / (dt * cfg.steps), 1),
         "tflops": round(fl / dt / 1e12, 2),
         "peak_gib_per_fit": round(peak / slots / 2 ** 30, 3),
     }
+    if profile:
+        row["profile"] = profile_steps(fit, profile, dev)
+    return row
 
 
 def speed_main(args) -> int:
@@ -85,6 +162,13 @@ def speed_main(args) -> int:
     preset = args.preset or ("denoise" if cuda else "fast")
     base = make_config("denoise", preset=preset)
     precisions = [args.precision] if args.precision else (["tf32", "bf16"] if cuda else ["fp32"])
+    convs = [c.strip() for c in str(getattr(args, "conv", None) or "auto").split(",")]
+    from pipeline.generator import CONV_MODES
+    for c in convs:
+        if c not in CONV_MODES:
+            print(f"dip bench speed: --conv {c!r}: choose from {', '.join(CONV_MODES)}", file=sys.stderr)
+            return 2
+    n_prof = int(getattr(args, "profile", 0) or 0)
     rows = []
     print(f"device {torch.cuda.get_device_name(dev) if cuda else 'cpu'}, preset {preset}, {size}x{size}, "
           f"{3 * conv_flops(base, size, size) / 1e9:.1f} GFLOP/step/fit")
@@ -98,26 +182,34 @@ def speed_main(args) -> int:
             print(f"{r['label']:36s} {r['step_ms']:9.2f} {r['fit_steps_per_s']:12.1f} {r['images_per_hour']:9.0f} "
                   f"{r.get('speedup', 1.0):9.2f} {r['tflops']:8.2f} {r['peak_gib_per_fit']:8.2f}", flush=True)
 
+    def show_profile(pr):
+        kinds = ", ".join(f"{k} {v['ms']:.2f} ({100 * v['share']:.0f}%)" for k, v in pr["by_kind"].items())
+        print(f"    profile ({pr['what']}, ms/step {pr['ms_per_step']:.2f}): {kinds}", flush=True)
+
     single = time_config(base.replace(precision="tf32" if cuda else "fp32"), size, 1, steps, dev)
     single["label"] = "single fit (original-equivalent)"
     rows.append(single)
     show(single)
     for prec in precisions:
-        for b in batches:
-            try:
-                r = time_config(base.replace(precision=prec), size, b, steps, dev)
-            except Exception as e:  # noqa: BLE001
-                if not is_oom(e):
-                    raise
-                if cuda:
-                    torch.cuda.empty_cache()
-                rows.append({"label": f"batched {prec} B={b}", "error": "out of memory"})
-                show(rows[-1])
-                continue
-            r["label"] = f"batched {prec} B={b}"
-            r["speedup"] = round(r["fit_steps_per_s"] / single["fit_steps_per_s"], 2)
-            rows.append(r)
-            show(r)
+        for conv in convs:
+            for b in batches:
+                label = f"batched {prec} B={b}" + (f" conv={conv}" if conv != "auto" else "")
+                try:
+                    r = time_config(base.replace(precision=prec), size, b, steps, dev, conv=conv, profile=n_prof)
+                except Exception as e:  # noqa: BLE001
+                    if not is_oom(e):
+                        raise
+                    if cuda:
+                        torch.cuda.empty_cache()
+                    rows.append({"label": label, "error": "out of memory"})
+                    show(rows[-1])
+                    continue
+                r["label"] = label
+                r["speedup"] = round(r["fit_steps_per_s"] / single["fit_steps_per_s"], 2)
+                rows.append(r)
+                show(r)
+                if "profile" in r:
+                    show_profile(r["profile"])
     out = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "preset": preset, "size": size,
            "steps_timed": steps, "preset_steps": base.steps,
            "gflop_per_step_per_fit": round(3 * conv_flops(base, size, size) / 1e9, 1), "rows": rows,

@@ -108,6 +108,10 @@ def _add_bench(sub):
     s.add_argument("--steps", type=int, help="timed steps (default 50 on CUDA, 5 on CPU)")
     s.add_argument("--preset", default=None, help="network (default denoise on CUDA, fast on CPU)")
     s.add_argument("--precision", default=None, choices=("fp32", "tf32", "bf16"))
+    s.add_argument("--conv", default="auto", help="how the slots' convolutions run: auto, grouped, loop, or a "
+                                                  "comma list to compare them (default auto: grouped on CUDA)")
+    s.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile N more steps of each batched configuration: time by kind of kernel")
     s.add_argument("--json", metavar="PATH")
     s.set_defaults(func=_run_bench_speed)
     q = bs.add_parser("quality", help="PSNR on the paper's benchmark sets")

@@ -89,7 +89,7 @@ class BatchedFitter:
     def __init__(self, cfg: FitConfig, canvas: tuple[int, int], channels: int, slots: int,
                  device: str | torch.device = "cpu", use_kernels: bool | None = None,
                  stopper_factory: Callable[[], object] | None = None, check_every: int = 50,
-                 keep_weights: bool = False, trace_every: int = 0):
+                 keep_weights: bool = False, trace_every: int = 0, conv: str = "auto"):
         self.cfg = cfg
         self.H, self.W = canvas
         m = cfg.net.multiple
@@ -107,7 +107,7 @@ class BatchedFitter:
         self.keep_weights = keep_weights
         self.trace_every = trace_every
         net = cfg.net.with_channels(channels)
-        self.G = SkipGenerator(net, slots, self.device)
+        self.G = SkipGenerator(net, slots, self.device, conv=conv)
         dev, B, D = self.device, slots, net.input_depth
         self.z = torch.zeros(1, B * D, self.H, self.W, device=dev)
         self.noise = torch.zeros_like(self.z)

@@ -29,6 +29,7 @@ from torch import nn
 from pipeline.config import NetConfig
 
 BN_EPS = 1e-5
+CONV_MODES = ("auto", "grouped", "loop")
 
 
 @dataclass(frozen=True)
@@ -107,14 +108,17 @@ def init_slot_vector(specs: list[ParamSpec], seed: int) -> torch.Tensor:
 class SkipGenerator(nn.Module):
     """B stacked skip generators. Input (1, B*input_depth, H, W) -> output (B, out_channels, H, W)."""
 
-    def __init__(self, net: NetConfig, slots: int = 1, device: torch.device | str = "cpu"):
+    def __init__(self, net: NetConfig, slots: int = 1, device: torch.device | str = "cpu", conv: str = "auto"):
         super().__init__()
         self.net = net
         self.slots = slots
         self.specs = build_specs(net, slots)
         self.per_slot = sum(sp.numel for sp in self.specs)
-        # one grouped convolution for all slots (CUDA), or a loop of per-slot convolutions (CPU)
-        self.grouped = torch.device(device).type != "cpu"
+        # conv="grouped": one grouped convolution for all slots; "loop": one convolution per slot;
+        # "auto": grouped on CUDA, the loop on the CPU (where it rounds exactly like a single fit)
+        if conv not in CONV_MODES:
+            raise ValueError(f"conv must be one of {CONV_MODES}, not {conv!r}")
+        self.grouped = conv == "grouped" or (conv == "auto" and torch.device(device).type != "cpu")
         total = slots * self.per_slot
         device = torch.device(device)
         self.register_buffer("flat", torch.zeros(total, device=device), persistent=False)
@@ -192,6 +196,9 @@ class SkipGenerator(nn.Module):
             if B > 1 and not self.grouped:
                 # On the CPU a loop of per-slot convolutions costs the same as one grouped convolution
                 # and rounds exactly like a single fit, so a batched fit equals B single fits bit for bit.
+                # On a GPU each per-slot convolution is an ordinary (ungrouped) one, for which cuDNN
+                # has its fastest kernels; whether that beats one grouped launch is measured by
+                # `dip bench speed --conv grouped,loop`.
                 xs, ws, bs = x.chunk(B, 1), w.chunk(B, 0), P[f"{name}.b"].chunk(B, 0)
                 return torch.cat([F.conv2d(xs[s], ws[s], bs[s], stride=stride) for s in range(B)], 1)
             return F.conv2d(x, w, P[f"{name}.b"], stride=stride, groups=B)

@@ -16,7 +16,8 @@ run() { local t=$1; shift; echo "=== [$SECONDS s] $*" | tee -a $OUT/log.txt; tim
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 if has speed; then
     run 100 python3 -m pipeline.cli bench speed --device cuda --size 256 --batch 16,32 --precision tf32 --steps 10 --json $OUT/speed256.json
-    run 120 python3 -m pipeline.cli bench speed --device cuda --size 512 --batch 4,8,12 --precision bf16 --steps 8 --json $OUT/speed512.json
+    # grouped vs per-slot convolutions, each profiled (time by kind of kernel) to show what bounds the 512² step
+    run 150 python3 -m pipeline.cli bench speed --device cuda --size 512 --batch 8,16 --precision bf16 --conv grouped,loop --steps 8 --profile 3 --json $OUT/speed512.json
 fi
 if has ray; then
     run 150 python3 -m pipeline.job --bench 32 --size 256 --steps 300 --device cuda --json $OUT/ray.json
@@ -34,4 +35,4 @@ if has kernels; then
     run 40 python3 -m kernels.bench --json $OUT/kernels.json
 fi
 echo "=== summary [$SECONDS s]"
-grep -h -E "^(single|batched)|^F16|^ORIGINAL|images/h|^(masked|sr_x4)" $OUT/log.txt
+grep -h -E "^(single|batched)|^    profile|^F16|^ORIGINAL|images/h|^(masked|sr_x4)" $OUT/log.txt
