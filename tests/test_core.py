@@ -498,3 +498,15 @@ def test_small_image_with_the_five_scale_preset(tmp_path):
     r = restore(y, "denoise", preset="denoise", steps=1, seed=0, device="cpu")
     assert r.image.pixels.shape == y.shape
     assert r.record()["canvas"] == [64, 64]
+
+
+@pytest.mark.parametrize("slots", [1, 3])
+def test_expand_puts_each_slots_value_on_its_own_weights(slots):
+    net = PRESETS["fast"].net.with_channels(3)
+    G = SkipGenerator(net, slots)
+    v = torch.arange(1, slots + 1, dtype=torch.float32) * 1.5
+    got = G.expand(v)
+    assert got.shape == G.flat.shape
+    for s in range(slots):
+        for sl in G.slot_indices(s):
+            assert torch.all(got[sl] == v[s])
