@@ -1,11 +1,17 @@
 """Parity and speed of the fused CUDA data-term kernels against the torch reference (needs a CUDA GPU).
 
     python -m kernels.bench [--json PATH] [--batch 16] [--size 512] [--iters 30] [--fit-steps 50]
+                            [--step-batch 8] [--step-steps 5] [--no-step] [--no-fit]
 
 1. Parity at B x 3 x size^2 (masked) and SR x4 (size/4 low-res): per-image loss relative error and
    gradient max abs difference, kernels vs the float32 reference, each also against a float64 reference.
-2. Timing of forward + backward (CUDA events, warmup, median of N).
-3. A short fit (pipeline.api.restore, preset "fast", fp32) for inpainting and SR x4 with
+2. Timing of forward + backward: the wall time (CUDA events, warmup, median of N), which on these
+   small terms is bound by the host's launches; the GPU time alone (torch.profiler: the sum of the
+   kernels' device time, what a step pays when the host runs ahead of a busy GPU); and the host's
+   enqueue time.
+3. Whole engine steps (``--step-batch`` fits at ``--size``, bf16, the default presets of inpainting and
+   SR x4) with use_kernels=True vs False: what the kernels change in a real step.
+4. A short fit (pipeline.api.restore, preset "fast", fp32) for inpainting and SR x4 with
    use_kernels=True vs False: max relative difference of the loss curves, next to the difference
    between two reference runs (the run-to-run noise of cuDNN and atomics).
 """
@@ -67,6 +73,43 @@ def timing(fn, out, iters: int, warmup: int = 5):
     return {"median_ms": statistics.median(ms), "min_ms": min(ms)}
 
 
+def gpu_and_host(fn, out, iters: int, warmup: int = 3) -> dict:
+    """GPU kernel time per forward + backward (profiler), the host's enqueue time, and kernels per call."""
+    import torch
+    from pipeline.bench import profile_calls
+    x = out.clone().requires_grad_(True)
+
+    def once():
+        loss = fn(x)
+        torch.autograd.grad(loss.sum(), x)
+
+    for _ in range(warmup):
+        once()
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        once()
+    host_ms = (time.perf_counter() - t0) / iters * 1e3
+    _sync()
+    pr = profile_calls(once, iters, "cuda")
+    return {"gpu_ms": pr["ms_per_step"], "host_enqueue_ms": host_ms,
+            "kernels_per_call": sum(t["calls"] for t in pr["top"]), "top": pr["top"][:6]}
+
+
+def step_compare(size: int, batch: int, steps: int, device: str = "cuda") -> dict:
+    """Engine steps with the kernels and with the reference, for inpainting and SR x4 (bf16)."""
+    from pipeline.bench import time_config
+    from pipeline.config import make_config
+    res = {"size": size, "batch": batch, "steps": steps}
+    for name, cfg in (("inpaint", make_config("inpaint")), ("sr_x4", make_config("sr", scale=4))):
+        cfg = cfg.replace(precision="bf16")
+        for label, uk in (("kernels", True), ("reference", False)):
+            r = time_config(cfg, size, batch, steps, device, use_kernels=uk, warmup=1)
+            res[f"{name}_{label}_step_ms"] = r["step_ms"]
+        res[f"{name}_speedup"] = res[f"{name}_reference_step_ms"] / res[f"{name}_kernels_step_ms"]
+    return res
+
+
 def fit_compare(task: str, size: int, steps: int, seed: int = 0):
     import numpy as np
     from pipeline.api import restore
@@ -107,6 +150,9 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-steps", type=int, default=50)
     ap.add_argument("--fit-size", type=int, default=128)
     ap.add_argument("--no-fit", action="store_true")
+    ap.add_argument("--step-batch", type=int, default=8)
+    ap.add_argument("--step-steps", type=int, default=5)
+    ap.add_argument("--no-step", action="store_true")
     a = ap.parse_args(argv)
 
     import torch
@@ -159,7 +205,13 @@ def main(argv=None) -> int:
         r["kernels"] = timing(kfn, out, a.iters)
         r["reference"] = timing(rfn, out, a.iters)
         r["speedup"] = r["reference"]["median_ms"] / r["kernels"]["median_ms"]
+        r["kernels"].update(gpu_and_host(kfn, out, a.iters))
+        r["reference"].update(gpu_and_host(rfn, out, a.iters))
+        r["gpu_speedup"] = r["reference"]["gpu_ms"] / r["kernels"]["gpu_ms"]
         results[name] = r
+
+    if not a.no_step:
+        results["step"] = step_compare(a.size, a.step_batch, a.step_steps)
 
     if not a.no_fit:
         results["fit_inpaint"] = fit_compare("inpaint", a.fit_size, a.fit_steps)
@@ -170,14 +222,22 @@ def main(argv=None) -> int:
           f"numba-cuda {results.get('numba_cuda')}  numpy {results.get('numpy')}")
     print(f"B={B} C={C} {S}x{S}; SR x{f} -> {S // f}x{S // f}; forward+backward, median of {a.iters}")
     hdr = f"{'term':<14}{'loss rel':>10}{'k vs f64':>10}{'ref vs f64':>11}{'grad abs':>10}{'grad max':>10}" \
-          f"{'kernel ms':>11}{'ref ms':>9}{'speedup':>9}"
+          f"{'kernel ms':>11}{'ref ms':>9}{'speedup':>9}{'GPU k ms':>10}{'GPU ref':>9}{'GPU x':>7}{'host k':>8}{'host ref':>9}"
     print(hdr)
     print("-" * len(hdr))
     for name in terms:
         r = results[name]
         print(f"{name:<14}{r['loss_rel_vs_ref32']:>10.2e}{r['loss_rel_kernel_vs_ref64']:>10.2e}"
               f"{r['loss_rel_ref32_vs_ref64']:>11.2e}{r['grad_maxabs_vs_ref32']:>10.2e}{r['grad_scale']:>10.2e}"
-              f"{r['kernels']['median_ms']:>11.3f}{r['reference']['median_ms']:>9.3f}{r['speedup']:>8.2f}x")
+              f"{r['kernels']['median_ms']:>11.3f}{r['reference']['median_ms']:>9.3f}{r['speedup']:>8.2f}x"
+              f"{r['kernels']['gpu_ms']:>10.3f}{r['reference']['gpu_ms']:>9.3f}{r['gpu_speedup']:>6.2f}x"
+              f"{r['kernels']['host_enqueue_ms']:>8.3f}{r['reference']['host_enqueue_ms']:>9.3f}")
+    if "step" in results:
+        s = results["step"]
+        print(f"engine step, B={s['batch']} {s['size']}x{s['size']} bf16, ms with kernels / reference: "
+              f"inpaint {s['inpaint_kernels_step_ms']:.2f} / {s['inpaint_reference_step_ms']:.2f} "
+              f"({s['inpaint_speedup']:.3f}x), SR x4 {s['sr_x4_kernels_step_ms']:.2f} / "
+              f"{s['sr_x4_reference_step_ms']:.2f} ({s['sr_x4_speedup']:.3f}x)")
     for key in ("fit_inpaint", "fit_sr4"):
         if key in results:
             r = results[key]

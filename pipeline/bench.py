@@ -69,17 +69,23 @@ def kind_of(name: str) -> str:
 
 
 def profile_steps(fit, steps: int, dev) -> dict:
-    """Profile ``steps`` calls of ``fit.step()``: time per step by kind of kernel, and the top kernels.
+    """Profile ``steps`` calls of ``fit.step()``: see :func:`profile_calls`."""
+    return profile_calls(fit.step, steps, dev)
 
-    On CUDA this is GPU kernel time (what bounds the step once launches overlap); on the CPU, the self
-    time of each operator. The times are per step, in ms."""
+
+def profile_calls(fn, steps: int, dev) -> dict:
+    """Profile ``steps`` calls of ``fn()``: time per call by kind of kernel, and the top kernels.
+
+    On CUDA this is GPU kernel time (what bounds a step once the host runs ahead of the GPU); on the CPU,
+    the self time of each operator. The times are per call, in ms."""
     import torch
     from torch.profiler import ProfilerActivity, profile
+    dev = torch.device(dev)
     cuda = dev.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         for _ in range(steps):
-            fit.step()
+            fn()
         if cuda:
             torch.cuda.synchronize(dev)
     rows = []
@@ -112,14 +118,14 @@ def profile_steps(fit, steps: int, dev) -> dict:
 
 
 def time_config(cfg, size: int, slots: int, steps: int, device, warmup: int = 3, conv: str = "auto",
-                profile: int = 0) -> dict:
+                profile: int = 0, use_kernels: bool | None = None) -> dict:
     import torch
     from pipeline.engine import BatchedFitter, FitItem
     dev = torch.device(device)
     rng = np.random.default_rng(0)
     f = cfg.scale if cfg.task == "sr" else 1
     h = size // f
-    fit = BatchedFitter(cfg, (size, size), 3, slots, dev, conv=conv)
+    fit = BatchedFitter(cfg, (size, size), 3, slots, dev, conv=conv, use_kernels=use_kernels)
     for s in range(slots):
         fit.load(s, FitItem(s, rng.random((3, h, h), dtype=np.float32), np.ones((1, h, h), np.float32), seed=s))
     if dev.type == "cuda":

@@ -32,7 +32,7 @@ if has original && [ -d .gpu/orig ]; then
     run 150 python3 .gpu/orig_f16.py 0 $OUT/f16_original.json
 fi
 if has kernels; then
-    run 40 python3 -m kernels.bench --json $OUT/kernels.json
+    run 150 python3 -m kernels.bench --json $OUT/kernels.json
 fi
 echo "=== summary [$SECONDS s]"
-grep -h -E "^(single|batched)|^    profile|^F16|^ORIGINAL|images/h|^(masked|sr_x4)" $OUT/log.txt
+grep -h -E "^(single|batched)|^    profile|^F16|^ORIGINAL|images/h|^(masked|sr_x4)|^engine step" $OUT/log.txt
