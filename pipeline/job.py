@@ -36,6 +36,10 @@ failed call counts against its images: after ``--max-retries`` (default 3) failu
 failed with its last error, and the job goes on. A bad input fails at once, in the driver, and is not
 retried. CUDA out-of-memory halves the batch inside fit_problems. Ctrl-C (or SIGTERM, as ``ray job
 stop`` sends) stops cleanly: finished images stay finished, the manifest is flushed, exit code 130.
+When OUT cannot be written because it is full, over quota or read-only, the job stops at once (every
+further image would fail the same way after its fit): the image being written goes back to pending,
+what was written stays done, and the message says to free space and run the same command again;
+exit code 1.
 
 Nothing lost, nothing done twice
 --------------------------------
@@ -47,8 +51,8 @@ hash is not overwritten unless ``--overwrite``: the image is reported as skipped
 "exists with different options". A lock file (OUT/.dip-job.lock) keeps two jobs from writing the same
 OUT at once. See pipeline.manifest for the manifest format.
 
-Exit codes: 0 every image done; 1 some failed or were skipped (listed at the end and in the manifest);
-2 bad usage (no inputs, unreadable manifest, no usable worker, OUT locked); 130 interrupted.
+Exit codes: 0 every image done; 1 some failed or were skipped (listed at the end and in the manifest),
+or OUT ran out of space; 2 bad usage (no inputs, unreadable manifest, no usable worker, OUT locked); 130 interrupted.
 
 ``python -m pipeline.job --bench N`` measures images/hour through the Ray actors against calling
 fit_problems directly on the same images (see :func:`bench_main`).
@@ -57,6 +61,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -199,6 +204,13 @@ class _Interrupted(Exception):
     pass
 
 
+class _OutOfSpace(Exception):
+    """OUT cannot take more files (full, over quota, read-only): the job cannot go on."""
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
 def _init_ray(args) -> tuple[bool, str]:
     """Connect to / start Ray. Returns (we_started_it, address description)."""
     import ray
@@ -285,8 +297,12 @@ def main(args) -> int:
     if not items:
         print("dip: error: no input images found", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
-    lock = _lock(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = _lock(out)
+    except OSError as e:
+        print(f"dip: error: cannot write to --out {out}: {_one_line(e)}", file=sys.stderr)
+        return 2
     if lock is None:
         print(f"dip: error: another dip restore is writing to {out} ({out / LOCK_NAME} is locked)", file=sys.stderr)
         return 2
@@ -566,6 +582,10 @@ class _Driver:
             write_json(dest.with_name(dest.name + ".json"), record)  # last: the "done" marker
         except OSError as e:
             err = f"{dest}: cannot write the outputs: {_one_line(e)}"
+            if e.errno in _NO_SPACE:  # not this image's fault: it goes back to pending and the job stops
+                self._set(key, status="pending", error=err)
+                self.jobs.pop(key, None)
+                raise _OutOfSpace(err) from None
             self._set(key, status="failed", error=err, finished=finished)
             self._final(key, "failed", f"dip: {err}")
             self.jobs.pop(key, None)
@@ -648,20 +668,28 @@ class _Driver:
             status = "interrupted"
             print("dip: interrupted; finished images are kept, the rest is redone by the same command",
                   file=sys.stderr)
+        except _OutOfSpace as e:
+            status = "out of space"
+            print(f"dip: error: {e}\ndip: stopped: the output folder cannot take more files. Finished images are "
+                  f"kept; free space and run the same command again to do the rest.", file=sys.stderr)
         finally:
             if in_main:
                 signal.signal(signal.SIGTERM, old_term)
             if self.bar is not None:
                 self.bar.close()
             for job in list(self.jobs.values()):
-                self._set(job.item.id, status="pending", error="interrupted" if status == "interrupted" else None)
+                self._set(job.item.id, status="pending", error=None if status == "finished" else status)
             counts = {k: self.counts[k] for k in ("done", "failed", "skipped")}
             counts.update(fitted=self.fitted, pending=len(self.items) - sum(self.counts.values()))
             if run is not None:
                 run.update(finished=now_iso(), status=status, counts=counts,
                            seconds=round(time.time() - self.t0, 3),
                            seconds_after_startup=round(time.time() - self.t_ready, 3))
-            self.manifest.flush(force=True)
+            try:
+                self.manifest.flush(force=True)
+            except OSError as e:
+                print(f"dip: warning: the manifest could not be updated ({_one_line(e)}); each image's JSON "
+                      f"still marks it done, so the same command will not redo finished images", file=sys.stderr)
             for a in self.actors:
                 with contextlib.suppress(Exception):
                     ray.kill(a.handle, no_restart=True)
@@ -675,6 +703,9 @@ class _Driver:
             log.warning("could not write the report %s: %s", self.out / "report.html", _one_line(e))
         if status == "interrupted":
             return 130
+        if status == "out of space":
+            self._summary()
+            return 1
         return self._summary()
 
     def _loop(self) -> None:
@@ -714,7 +745,12 @@ class _Driver:
             if self.bar is not None:
                 self._postfix()
                 self.bar.refresh()
-            self.manifest.flush()
+            try:
+                self.manifest.flush()
+            except OSError as e:
+                if e.errno in _NO_SPACE:
+                    raise _OutOfSpace(f"{self.manifest.path}: cannot write the manifest: {_one_line(e)}") from None
+                raise
 
     def _summary(self) -> int:
         bad = [(k, r) for k, r in self.manifest.images.items()

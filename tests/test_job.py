@@ -2,6 +2,7 @@
 usage errors, and a worker killed mid-job. Images are tiny and use the 'fast' preset with a few steps."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -282,3 +283,38 @@ def test_worker_encodes_results_in_memory_and_leaves_no_temporary_files(tmp_path
     meta = {e.key: e.value for e in onnx.load_from_string(ev["onnx"]).metadata_props}
     assert meta["dip_format"] == "dip-onnx" and "300" in meta["source_metadata"]
     assert list(scratch.iterdir()) == []
+
+
+def test_full_output_disk_stops_the_job_and_the_same_command_finishes_it(tmp_path, ray_session, capsys):
+    """On a real (tiny tmpfs) file system that fills up: the job stops with a clear message instead of fitting
+    every remaining image only to fail writing it; what was done stays done; after space is freed the same
+    command does the rest."""
+    import subprocess
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+    try:
+        src = tmp_path / "in"
+        for i in range(3):
+            write_png(src / f"i{i}.png", seed=i)
+        out = mnt / "out"
+        assert restore(src / "i0.png", "--out", out, "--steps", 2, *FAST) == 0
+        filler = mnt / "filler"
+        with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):  # fill it to the last byte
+            while True:
+                f.write(b"\0" * 4096)
+        capsys.readouterr()
+        assert restore(src, "--out", out, "--steps", 2, *FAST) == 1
+        err = capsys.readouterr().err
+        assert "No space left on device" in err and "free space and run the same command again" in err
+        assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+        check_outputs(out, ["i0"])  # the image done before is intact and still the only output
+        filler.unlink()
+        assert restore(src, "--out", out, "--steps", 2, *FAST) == 0
+        check_outputs(out, ["i0", "i1", "i2"])
+        m = manifest(out)
+        assert m["images"]["i0"]["run"] == 1 and all(m["images"][k]["status"] == "done" for k in ("i0", "i1", "i2"))
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
