@@ -254,9 +254,11 @@ class EvalStopper:
                 "rule": self.rule.config.to_dict()}
 
 
-# Rule settings replayed on every image's recorded traces (same window; result "last" and "mean").
-VARIANTS = [dict(rel_tol=t, patience=p) for t in (0.0, 0.1, 0.3, 0.5, 0.7, 0.8) for p in (4, 8, 16)]
-
+# Rule settings replayed on every image's recorded traces (same window; result "last" and "mean"), and
+# ``lag``: the image 0, 1 or 2 checks before the minimum (the output average lags the fit).
+VARIANTS = [dict(rel_tol=t, patience=p, lag=g) for t in (0.0, 0.1, 0.3, 0.5, 0.7, 0.8) for p in (4, 8, 16)
+            for g in (0, 1, 2)]
+PRINTED_VARIANTS = 12  # the best ones by mean gap to the oracle, and the current rule
 
 def replay_variants(row: dict, stop_cfg, variants=VARIANTS) -> list[dict]:
     """What other (rel_tol, patience, smooth) settings would have chosen, from a row's recorded traces."""
@@ -265,12 +267,16 @@ def replay_variants(row: dict, stop_cfg, variants=VARIANTS) -> list[dict]:
     final = row.get("final_psnr")
     out = []
     for v in variants:
+        if v.get("lag", 0) >= stop_cfg.window:  # the live rule keeps only the window's images
+            continue
         cfg = stop_cfg.replace(**v)
         chosen, stopped = choose_from_trace(row.get("var_trace", []), cfg)
         if stopped is None or chosen not in by_step:
             last, mean, at = final, final, row.get("steps")
         else:
             last, mean = by_step[chosen]
+            if v.get("lag"):
+                mean = None  # the window mean is of the window ending at the minimum, not at the lagged image
             at = stopped
         out.append({**v, "chosen": chosen if stopped is not None else None, "stopped_at": at,
                     "psnr_last": last, "psnr_mean": mean})
@@ -366,9 +372,14 @@ def run_suite(suite: str, cases: list[Case], device="auto", fast: bool = False, 
         mean[k] = round(float(np.mean(vals)), 4) if vals and len(vals) == len(ok) else None
     variants = []
     if ok and all(r.get("oracle_psnr") is not None for r in ok):
-        for j, v in enumerate(VARIANTS):
-            vals = [(r["variants"][j]["psnr_last"], r["variants"][j]["psnr_mean"], r["oracle_psnr"],
-                     r["variants"][j]["stopped_at"]) for r in ok]
+        def key(v):
+            return v["rel_tol"], v["patience"], v.get("lag", 0)
+        per_row = [{key(x): x for x in r["variants"]} for r in ok]
+        for v in VARIANTS:
+            if any(key(v) not in d for d in per_row):
+                continue
+            vals = [(d[key(v)]["psnr_last"], d[key(v)]["psnr_mean"], r["oracle_psnr"], d[key(v)]["stopped_at"])
+                    for d, r in zip(per_row, ok)]
             if any(x[0] is None for x in vals):
                 continue
             variants.append({**v, "mean_last": round(float(np.mean([x[0] for x in vals])), 4),
@@ -410,11 +421,18 @@ def print_suite(res: dict, out=None) -> None:
           f"{_fmt(m['oracle_step'], 7, 0)}{_fmt(m['final_psnr'])}{_fmt(m['paper_dip'])}{_fmt(m[base], 9)}",
           file=out)
     if res.get("variants") and res["preset"] != "fast":
-        print("rule variants replayed on the traces (window %d): rel_tol patience -> mean PSNR (last / window "
-              "mean), gap to the oracle, mean stop step" % res["stop_config"]["window"], file=out)
-        for v in res["variants"]:
-            print(f"  {v['rel_tol']:4.2f} {v['patience']:3d} -> {v['mean_last']:6.2f} / {v['mean_mean']:6.2f}"
-                  f"  {v['mean_oracle_gap']:+6.2f}  {v['mean_stopped_at']:7.0f}", file=out)
+        sc = res["stop_config"]
+        print(f"rule variants replayed on the traces (window {sc['window']}; the best {PRINTED_VARIANTS} by gap, "
+              f"and * the current rule; all in the JSON): rel_tol patience lag -> mean PSNR (last / window "
+              f"mean), gap to the oracle, mean stop step", file=out)
+        cur = (sc["rel_tol"], sc["patience"], sc.get("lag", 0))
+        ranked = sorted(res["variants"], key=lambda v: -v["mean_oracle_gap"])
+        shown = ranked[:PRINTED_VARIANTS] + [v for v in ranked[PRINTED_VARIANTS:]
+                                              if (v["rel_tol"], v["patience"], v.get("lag", 0)) == cur]
+        for v in shown:
+            mark = "*" if (v["rel_tol"], v["patience"], v.get("lag", 0)) == cur else " "
+            print(f" {mark}{v['rel_tol']:4.2f} {v['patience']:3d} {v.get('lag', 0):3d} -> {v['mean_last']:6.2f} / "
+                  f"{v['mean_mean']:6.2f}  {v['mean_oracle_gap']:+6.2f}  {v['mean_stopped_at']:7.0f}", file=out)
 
 
 def main(args) -> int:

@@ -45,6 +45,11 @@ class StopConfig:
                (1 = no smoothing)
     result:    "last" = the newest image of the window at the minimum (the paper's),
                "mean" = the mean of that window (less noise, a little lag)
+    lag:       with result "last", take the image this many checks before the newest one of the window
+               at the minimum (0 = the newest). The default output is an average of the outputs, which
+               lags the fit: on CPU crops the rule chose 50-150 steps after the best image
+               (docs/stopping.md); ``lag`` takes an earlier image of the same window. Its step is
+               ``chosen_step``; the minimum's own step is ``min_step``.
     """
 
     window: int = 4
@@ -54,6 +59,7 @@ class StopConfig:
     rel_tol: float = 0.5
     smooth: int = 1
     result: str = "last"
+    lag: int = 0
 
     def __post_init__(self):
         if self.window < 2:
@@ -70,6 +76,10 @@ class StopConfig:
             raise ValueError("smooth must be at least 1")
         if self.result not in RESULTS:
             raise ValueError(f"result must be one of {RESULTS}, not {self.result!r}")
+        if not 0 <= self.lag < self.window:
+            raise ValueError(f"lag must be in [0, window), not {self.lag}")
+        if self.lag and self.result != "last":
+            raise ValueError("lag applies to result 'last' only")
 
     def replace(self, **kw) -> "StopConfig":
         return dataclasses.replace(self, **kw)
@@ -110,13 +120,24 @@ class _Rule:
 def choose_from_trace(trace, config: StopConfig) -> tuple[int | None, int | None]:
     """Replay the rule on a recorded VAR trace [(step, var)] (``summary()["trace"]``, which holds the raw,
     un-smoothed values for the window it was recorded with): (chosen step, step it stops at). The stop
-    step is None where the rule would not have fired; the chosen step is then the VAR minimum so far."""
+    step is None where the rule would not have fired; the chosen step is then the VAR minimum so far.
+    The chosen step is the step of the image the rule returns (``lag`` checks before the minimum's)."""
     rule = _Rule(config)
+    steps = []
     for step, var in trace:
+        steps.append(int(step))
         _new, stop = rule.feed(int(step), float(var))
         if stop:
-            return rule.best_step, rule.stopped_at
-    return rule.best_step, None
+            return _lagged(steps, rule.best_step, config.lag), rule.stopped_at
+    return _lagged(steps, rule.best_step, config.lag), None
+
+
+def _lagged(steps: list[int], step: int | None, lag: int) -> int | None:
+    """The check ``lag`` checks before ``step`` among the recorded ``steps``."""
+    if step is None or not lag:
+        return step
+    i = steps.index(step)
+    return steps[max(i - lag, 0)]
 
 
 class WMVStopper:
@@ -134,12 +155,20 @@ class WMVStopper:
         self._window: list[torch.Tensor] = []
         self.trace: list[tuple[int, float]] = []  # [(step, VAR)], raw (before any smoothing)
         self.best_image: torch.Tensor | None = None
+        self._best_image_step: int | None = None
+        self._steps: list[int] = []  # the steps of the images in the window
         self.last_mean: torch.Tensor | None = None
         self.last_step = 0
         self.reason = "running"
 
     @property
     def best_step(self) -> int | None:
+        """The step of ``best_image`` (``lag`` checks before the VAR minimum's own step)."""
+        return self._best_image_step
+
+    @property
+    def min_step(self) -> int | None:
+        """The step of the check where VAR reached its (tolerated) minimum."""
         return self._rule.best_step
 
     @property
@@ -159,8 +188,10 @@ class WMVStopper:
         self.last_step = int(step)
         x = image.detach().float()
         self._window.append(x.clone())
+        self._steps.append(self.last_step)
         if len(self._window) > cfg.window:
             self._window.pop(0)
+            self._steps.pop(0)
         if len(self._window) < cfg.window:
             return False
         stack = torch.stack(self._window)  # (W, C, H, W)
@@ -170,7 +201,9 @@ class WMVStopper:
         self.trace.append((self.last_step, var))
         new_best, stop = self._rule.feed(self.last_step, var)
         if new_best:
-            self.best_image = (mean if cfg.result == "mean" else x).clone()
+            k = len(self._window) - 1 - cfg.lag
+            self.best_image = (mean if cfg.result == "mean" else self._window[k]).clone()
+            self._best_image_step = self._steps[k]
         if stop:
             self.reason = "auto"
         return stop
@@ -182,6 +215,7 @@ class WMVStopper:
             "rule": "es-wmv",
             "reason": self.reason if self.stopped_at is not None else "not triggered",
             "chosen_step": self.best_step,
+            "min_step": self.min_step,
             "stopped_at": self.stopped_at,
             "last_step": self.last_step,
             "best_var": float(f"{bv:.6g}") if math.isfinite(bv) else None,

@@ -35,7 +35,8 @@ def test_fast_denoise_end_to_end(tmp_path, capsys):
             assert _finite(row[k]), (k, row[k])
         assert row["oracle_psnr"] >= row["final_psnr"] - 0.01  # the oracle sees the final check too
         assert row["metric_trace"] and all(_finite(p) for _, p, _m in row["metric_trace"])
-        assert len(row["variants"]) == len(bq.VARIANTS)
+        # every variant the fast rule's window of 2 can replay: all but those lagging 2 checks
+        assert len(row["variants"]) == sum(v["lag"] < 2 for v in bq.VARIANTS)
         assert row["psnr_trace"] and row["var_trace"]
         assert row["steps"] == bq.FAST_STEPS
     for k in ("auto_psnr", "oracle_psnr", "final_psnr"):
@@ -80,3 +81,17 @@ def test_metrics():
 
 def test_missing_data_is_a_usage_error(tmp_path):
     assert main(["bench", "quality", "--suite", "sr", "--fast", "--data", str(tmp_path)]) == 2
+
+
+def test_replayed_lag_scores_the_image_checks_before_the_minimum():
+    """replay_variants on a recorded trace whose VAR minimum (with rel_tol 0.5) is at step 400: lag 1 and 2
+    score the images of steps 350 and 300."""
+    from pipeline.stopping import StopConfig
+    var = {200: 1.0, 250: 0.4, 300: 0.1, 350: 0.04, 400: 0.01, 450: 0.009, 500: 0.008, 550: 0.008, 600: 0.007}
+    row = {"var_trace": sorted(var.items()), "metric_trace": [[s, 20.0 + s / 100, None] for s in range(50, 650, 50)],
+           "final_psnr": 26.0, "steps": 600}
+    cfg = StopConfig(window=4, patience=4, min_steps=0, rel_tol=0.5)
+    got = {v["lag"]: v for v in bq.replay_variants(row, cfg, [dict(rel_tol=0.5, patience=4, lag=g) for g in (0, 1, 2)])}
+    assert [got[g]["chosen"] for g in (0, 1, 2)] == [400, 350, 300]
+    assert [got[g]["psnr_last"] for g in (0, 1, 2)] == [24.0, 23.5, 23.0]
+    assert all(got[g]["stopped_at"] == 600 for g in (0, 1, 2))

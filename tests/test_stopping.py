@@ -215,3 +215,22 @@ def test_per_slot_stopping_frees_the_slot_while_others_continue():
     assert res["refill"].steps <= 20  # loaded into the freed slot, with its own budget and rule
     assert "trace" in res["refill"].extra["stopping"]
     assert len(made) == 3
+
+
+@pytest.mark.parametrize("lag", [1, 2])
+def test_lag_returns_an_earlier_image_of_the_window_and_replays_the_same(lag):
+    ts, imgs, _errs = _synthetic(1500, steps=4000, seed=3)
+    cfg = StopConfig(window=4, patience=10, min_steps=200, check_every=CHECK, rel_tol=0.0)
+    plain, lagged = WMVStopper(cfg), WMVStopper(cfg.replace(lag=lag))
+    stopped = _run(plain, ts, imgs)
+    assert _run(lagged, ts, imgs) == stopped is not None  # the decision is the same, only the image differs
+    assert lagged.min_step == plain.best_step == plain.min_step
+    assert lagged.best_step == plain.best_step - lag * CHECK
+    assert torch.equal(lagged.best_image, imgs[list(ts).index(lagged.best_step)])
+    s = lagged.summary()
+    assert s["chosen_step"] == lagged.best_step and s["min_step"] == plain.best_step
+    assert choose_from_trace(s["trace"], lagged.config) == (lagged.best_step, stopped)
+    with pytest.raises(ValueError, match="lag"):
+        StopConfig(window=4, lag=4)
+    with pytest.raises(ValueError, match="lag"):
+        StopConfig(result="mean", lag=1)
