@@ -458,5 +458,14 @@ def auto_slots(cfg: FitConfig, canvas: tuple[int, int], channels: int, device, n
     return min(n_items, slots_for_memory(free * margin, peak1, peak2, max_slots))
 
 
-def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+def is_oom(exc: BaseException | None) -> bool:
+    """A device running out of memory: CUDA's, or the host's (torch's CPU allocator: ``can't allocate
+    memory``; C++ ``std::bad_alloc``; Python's MemoryError), also when it is the cause of ``exc`` (a
+    tile's error names its image)."""
+    while exc is not None:
+        msg = str(exc).lower()
+        if (isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in msg
+                or "can't allocate memory" in msg or "bad_alloc" in msg):
+            return True
+        exc = exc.__cause__
+    return False

@@ -506,9 +506,13 @@ def fit_tiled(problems: Iterable[Problem], device="auto", slots: int | None = No
     through it together (bucketed by canvas), so one big image fills the batch by itself, and each
     image is merged and yielded as soon as its last tile ends. A failed tile fails its image (the
     exception names the tile); the image's other tiles are not merged.
+
+    Out of memory: fit_problems first halves the batch; an image that still runs out of memory with one
+    slot (the memory model underestimated it) is fitted again as tiles of half its longer side, then of
+    half that, down to 32 output pixels, and its JSON says so (``oom_fallback``). The job never dies of it.
     """
     from pipeline.api import fit_problems
-    from pipeline.engine import pick_device
+    from pipeline.engine import is_oom, pick_device
     dev = pick_device(device) if isinstance(device, str) else device
     budget = int(max_memory) if max_memory else None  # None: fit_problems sizes the batch itself
     units: list[Problem] = []  # whole problems and tile problems, in order
@@ -540,6 +544,7 @@ def fit_tiled(problems: Iterable[Problem], device="auto", slots: int | None = No
             owner[id(q)] = st
             units.append(q)
     buckets: dict = {}
+    retry: list[tuple[Problem, int]] = []  # (image, tile side in output pixels) after out of memory
     for q in units:
         key = (q.cfg.replace(seed=0, steps=1), q.image.channels, q.canvas)
         buckets.setdefault(key, []).append(q)
@@ -552,9 +557,18 @@ def fit_tiled(problems: Iterable[Problem], device="auto", slots: int | None = No
                                  keep_weights=keep_weights, stopper_factory=stopper_factory, on_step=on_step):
             st = owner.get(id(q))
             if st is None:
+                if isinstance(r, Exception) and is_oom(r):
+                    _drop_tracebacks(r)
+                    retry.append((q, max(q.out_shape) // 2))
+                    continue
                 yield q, r
                 continue
             if st["failed"]:
+                continue
+            if isinstance(r, Exception) and is_oom(r) and len(st["merger"].layout.tiles) > 1:
+                st["failed"] = True  # its tiles are too big: the whole image again, with smaller ones
+                _drop_tracebacks(r)
+                retry.append((st["problem"], st["merger"].layout.tile * st["problem"].factor // 2))
                 continue
             if isinstance(r, Exception):
                 st["failed"] = True
@@ -567,6 +581,40 @@ def fit_tiled(problems: Iterable[Problem], device="auto", slots: int | None = No
             if m.done:
                 yield st["problem"], m.finish(time.perf_counter() - st["t0"], str(dev))
                 st["merger"] = None
+    kw = dict(device=dev, overlap=overlap, max_memory=max_memory, canvas_policy=canvas_policy,
+              use_kernels=use_kernels, keep_weights=keep_weights, stopper_factory=stopper_factory, on_step=on_step)
+    for p, t_out in retry:
+        yield p, _fit_smaller_tiles(p, t_out, **kw)
+
+
+def _fit_smaller_tiles(p: Problem, t_out: int, **kw) -> Result | Exception:
+    """Fit ``p`` as tiles of about ``t_out`` output pixels (after it ran out of memory). A tile that runs
+    out of memory again sends the image back here with half the tile (fit_tiled's own retry)."""
+    import gc
+    f = p.factor
+    m = max(p.cfg.net.multiple, f)
+    t_in = max(8, (t_out // m) * m // f)
+    if t_out < 32:
+        return MemoryError(f"{p.source or p.name}: out of memory even with tiles of {2 * t_out} output pixels")
+    log.warning("%s: out of memory; fitting it again as tiles of %d px", p.source or p.name, t_in)
+    gc.collect()  # the failed fit's tensors
+    dev = kw.get("device")
+    if getattr(dev, "type", None) == "cuda":
+        import torch
+        torch.cuda.empty_cache()
+    r: Result | Exception = RuntimeError("no result")
+    for _q, r in fit_tiled([p], tile=t_in, auto=False, **kw):
+        pass
+    if isinstance(r, Result) and "oom_fallback" not in r.extra:
+        r.extra["oom_fallback"] = {"tile": t_in, "why": "the whole image (or larger tiles) ran out of memory"}
+    return r
+
+
+def _drop_tracebacks(e: BaseException | None) -> None:
+    """An exception kept for later must not keep the failed fit's frames (and their tensors) alive."""
+    while e is not None:
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
 
 
 # ---- ONNX: one model per tile + a layout file ------------------------------------------------------

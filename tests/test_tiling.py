@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -326,3 +327,64 @@ def test_cli_tiles_a_large_image_and_render_reassembles_it(tmp_path, capsys):
     assert rendered.meta["dpi"] == saved.meta["dpi"] == pytest.approx((300, 300), abs=0.01)
     assert not list(out.glob("big.t*.render.png"))  # the tiles are not rendered one by one
     assert cli_main(["restore", str(tmp_path / "big.png"), "--out", str(out), "--tile", "4"]) == 2
+
+
+_OOM_SCRIPT = r"""
+import json, resource, sys
+import numpy as np, torch
+torch.set_num_threads(1)
+# oneDNN reports a failed allocation of its own as "could not create a primitive", which could be anything;
+# torch's own convolutions allocate through the CPU allocator, whose failure is unambiguous
+torch.backends.mkldnn.enabled = False
+from pipeline.api import make_problem
+from pipeline.io import ImageData
+from pipeline.tiling import fit_tiled
+def vm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmSize"):
+            return int(line.split()[1]) * 1024
+img = ImageData(np.random.default_rng(0).random((512, 512, 3), dtype=np.float32), None, 8)
+p = make_problem(img, preset="fast", steps=2, name="big")
+# a real limit on this process's memory: the whole 512x512 fit needs more than 400 MB above what is
+# mapped now (it fails in the CPU allocator), a 256x256 tile needs less
+resource.setrlimit(resource.RLIMIT_AS, (vm() + (400 << 20), resource.RLIM_INFINITY))
+out = []
+for q, r in fit_tiled([p], device="cpu", auto=False):
+    out.append({"kind": type(r).__name__, "error": str(r) if isinstance(r, Exception) else None,
+                "shape": None if isinstance(r, Exception) else list(r.image.shape),
+                "oom_fallback": None if isinstance(r, Exception) else r.extra.get("oom_fallback"),
+                "tiles": None if isinstance(r, Exception) else len(r.record()["tiling"]["tiles"])})
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_an_image_that_runs_out_of_memory_is_fitted_again_as_tiles():
+    """Out of memory with one slot is not the end of the image: it is tiled (a real allocator failure,
+    under a real address-space limit in a child process)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _OOM_SCRIPT], capture_output=True, text=True, timeout=600,
+                       cwd=Path(__file__).resolve().parents[1])
+    line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    assert r.returncode == 0 and line, r.stderr[-2000:]
+    (res,) = json.loads(line[0][7:])
+    assert res["kind"] == "TiledResult", res
+    assert res["shape"] == [512, 512] and res["tiles"] >= 4
+    assert res["oom_fallback"]["tile"] <= 256
+    assert "out of memory; fitting it again as tiles" in r.stderr
+
+
+@pytest.mark.parametrize("exc,oom", [
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 38044224 bytes"), True),
+    (RuntimeError("std::bad_alloc"), True),
+    (MemoryError(), True),
+    (RuntimeError("could not create a primitive"), False),  # oneDNN: could be anything
+    (ValueError("image 7x7 is below the minimum"), False),
+])
+def test_what_counts_as_out_of_memory(exc, oom):
+    from pipeline.engine import is_oom
+    assert is_oom(exc) is oom
+    wrapped = tiling.TileError("tile 3 of 9 failed")
+    wrapped.__cause__ = exc
+    assert is_oom(wrapped) is oom  # through a tile's error
