@@ -51,7 +51,8 @@ def parity(kfn, rfn, out, weights):
     return res
 
 
-def timing(fn, out, iters: int, warmup: int = 5):
+def _warm_step(fn, out, warmup: int):
+    """A forward + backward of ``fn`` on a copy of ``out``, run ``warmup`` times (then synchronised)."""
     import torch
     x = out.clone().requires_grad_(True)
 
@@ -62,6 +63,12 @@ def timing(fn, out, iters: int, warmup: int = 5):
     for _ in range(warmup):
         once()
     _sync()
+    return once
+
+
+def timing(fn, out, iters: int, warmup: int = 5):
+    import torch
+    once = _warm_step(fn, out, warmup)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
     for s, e in zip(starts, ends):
@@ -75,17 +82,8 @@ def timing(fn, out, iters: int, warmup: int = 5):
 
 def gpu_and_host(fn, out, iters: int, warmup: int = 3) -> dict:
     """GPU kernel time per forward + backward (profiler), the host's enqueue time, and kernels per call."""
-    import torch
     from pipeline.bench import profile_calls
-    x = out.clone().requires_grad_(True)
-
-    def once():
-        loss = fn(x)
-        torch.autograd.grad(loss.sum(), x)
-
-    for _ in range(warmup):
-        once()
-    _sync()
+    once = _warm_step(fn, out, warmup)
     t0 = time.perf_counter()
     for _ in range(iters):
         once()
