@@ -283,6 +283,43 @@ def replay_variants(row: dict, stop_cfg, variants=VARIANTS) -> list[dict]:
     return out
 
 
+# The discrepancy principle, another reference-free rule for Gaussian denoising: stop when the data term
+# (the output's MSE to the noisy input) has fallen to about the noise variance, sigma^2, with sigma
+# estimated from the noisy image (skimage's wavelet estimator). Below that the fit is fitting noise.
+DISCREPANCY = (0.95, 1.0, 1.05, 1.1, 1.2)
+DISCREPANCY_SMOOTH = 50  # steps of the loss averaged (the per-step loss jitters with the input noise)
+
+
+def estimate_sigma(img: np.ndarray) -> float:
+    """The noise level of an (H, W[, C]) image in [0, 1]: Donoho and Johnstone's median absolute deviation
+    of the finest diagonal wavelet coefficients, median(|HH|) / 0.6745, with the Haar wavelet (so no
+    PyWavelets, which scikit-image's estimate_sigma needs), averaged over the channels."""
+    a = img if img.ndim == 3 else img[:, :, None]
+    a = a[:a.shape[0] // 2 * 2, :a.shape[1] // 2 * 2]
+    hh = (a[0::2, 0::2] - a[0::2, 1::2] - a[1::2, 0::2] + a[1::2, 1::2]) / 2.0
+    return float(np.mean([np.median(np.abs(hh[:, :, k])) / 0.6745 for k in range(a.shape[2])]))
+
+
+def replay_discrepancy(row: dict, factors=DISCREPANCY, smooth: int = DISCREPANCY_SMOOTH) -> list[dict]:
+    """For each factor c: the first step where the loss, averaged over ``smooth`` steps, is at most
+    c * sigma_est^2; scored at the first check at or after it (the final image if never)."""
+    loss = np.asarray(row.get("loss") or [], np.float64)
+    sigma = row.get("sigma_est")
+    checks = [(int(s), p) for s, p, _pm in row.get("metric_trace", [])]
+    out = []
+    for c in factors:
+        step = None
+        if sigma and len(loss) >= smooth:
+            avg = np.convolve(loss, np.ones(smooth) / smooth, mode="valid")  # avg[i]: steps i+1 .. i+smooth
+            hit = np.nonzero(avg <= c * sigma ** 2)[0]
+            if hit.size:
+                step = int(hit[0]) + smooth
+        at = next(((s, p) for s, p in checks if step is not None and s >= step), None)
+        out.append({"factor": c, "step": step, "chosen": at[0] if at else None,
+                    "psnr": at[1] if at else row.get("final_psnr")})
+    return out
+
+
 def eval_factory(stop_config, y_border):
     def factory(item=None):
         return EvalStopper(stop_config, item, y_border)
@@ -356,9 +393,13 @@ def run_suite(suite: str, cases: list[Case], device="auto", fast: bool = False, 
             "metric_trace": ev.get("metric_trace", []),
             "var_trace": ev.get("var_trace", []),
             "psnr_trace": r.extra.get("psnr_trace", []),
+            "loss": [float(f"{x:.5g}") for x in r.loss],
             **c.meta,
         }
         row["variants"] = replay_variants(row, stop_cfg)
+        if suite == "denoise":  # the noise level, estimated from the noisy input alone (no reference)
+            row["sigma_est"] = round(estimate_sigma(c.image.astype(np.float64) / 255.0), 5)
+            row["discrepancy"] = replay_discrepancy(row)
         rows[i] = row
         log.info("%s/%s: auto %.2f (step %s) oracle %s (step %s) final %.2f", suite, c.name, row["auto_psnr"],
                  row["auto_step"], row["oracle_psnr"], row["oracle_step"], final)
@@ -386,8 +427,17 @@ def run_suite(suite: str, cases: list[Case], device="auto", fast: bool = False, 
                              "mean_mean": round(float(np.mean([x[1] if x[1] is not None else x[0] for x in vals])), 4),
                              "mean_oracle_gap": round(float(np.mean([x[0] - x[2] for x in vals])), 4),
                              "mean_stopped_at": round(float(np.mean([x[3] for x in vals])), 1)})
+    discrepancy = []
+    if ok and all(r.get("discrepancy") and r.get("oracle_psnr") is not None for r in ok):
+        for j, c in enumerate(DISCREPANCY):
+            got = [r["discrepancy"][j] for r in ok]
+            discrepancy.append({"factor": c, "mean": round(float(np.mean([g["psnr"] for g in got])), 4),
+                                "mean_oracle_gap": round(float(np.mean([g["psnr"] - r["oracle_psnr"]
+                                                                        for g, r in zip(got, ok)])), 4),
+                                "fired": sum(g["step"] is not None for g in got)})
     return {
-        "suite": suite, "preset": preset, "variants": variants, "task": task, "steps": cfg.steps, "check_every": check_every,
+        "suite": suite, "preset": preset, "variants": variants, "discrepancy": discrepancy, "task": task,
+        "steps": cfg.steps, "check_every": check_every,
         "stop_config": stop_cfg.to_dict(), "metric": "Y, 4px border" if suite == "sr" else "whole image",
         "images": rows, "mean": mean, "seconds": round(time.perf_counter() - t0, 2),
         "failed": len(rows) - len(ok),
@@ -433,6 +483,11 @@ def print_suite(res: dict, out=None) -> None:
             mark = "*" if (v["rel_tol"], v["patience"], v.get("lag", 0)) == cur else " "
             print(f" {mark}{v['rel_tol']:4.2f} {v['patience']:3d} {v.get('lag', 0):3d} -> {v['mean_last']:6.2f} / "
                   f"{v['mean_mean']:6.2f}  {v['mean_oracle_gap']:+6.2f}  {v['mean_stopped_at']:7.0f}", file=out)
+    if res.get("discrepancy") and res["preset"] != "fast":
+        print("discrepancy principle replayed (stop when the loss, averaged over %d steps, reaches c x sigma_est^2): "
+              "c -> mean PSNR, gap to the oracle, images where it fired" % DISCREPANCY_SMOOTH, file=out)
+        for d in res["discrepancy"]:
+            print(f"  {d['factor']:4.2f} -> {d['mean']:6.2f}  {d['mean_oracle_gap']:+6.2f}  {d['fired']}", file=out)
 
 
 def main(args) -> int:

@@ -95,3 +95,24 @@ def test_replayed_lag_scores_the_image_checks_before_the_minimum():
     assert [got[g]["chosen"] for g in (0, 1, 2)] == [400, 350, 300]
     assert [got[g]["psnr_last"] for g in (0, 1, 2)] == [24.0, 23.5, 23.0]
     assert all(got[g]["stopped_at"] == 600 for g in (0, 1, 2))
+
+
+def test_replayed_discrepancy_principle_stops_where_the_loss_reaches_the_noise_variance():
+    sigma = 0.1
+    loss = [0.05 * 0.99 ** t + 0.009 for t in range(400)]  # falls through sigma^2 = 0.01 near step 230
+    row = {"loss": loss, "sigma_est": sigma, "final_psnr": 20.0,
+           "metric_trace": [[s, 20.0 + s / 100, None] for s in range(50, 450, 50)]}
+    got = {d["factor"]: d for d in bq.replay_discrepancy(row, factors=(0.5, 1.0, 1.2), smooth=10)}
+    first = next(t for t in range(10, 401) if sum(loss[t - 10:t]) / 10 <= 0.01 + 1e-15)
+    assert got[1.0]["step"] == first and got[1.0]["chosen"] == -(-first // 50) * 50
+    assert got[1.0]["psnr"] == 20.0 + got[1.0]["chosen"] / 100
+    assert got[1.2]["step"] < got[1.0]["step"]  # a looser level is reached earlier
+    assert got[0.5]["step"] is None and got[0.5]["psnr"] == 20.0  # never reached: the final image
+
+
+def test_noise_level_estimate():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:128, 0:128] / 128.0
+    clean = np.stack([0.5 + 0.3 * np.sin(4 * xx + k) * np.cos(3 * yy) for k in range(3)], -1)
+    for sigma in (0.02, 0.1):
+        assert abs(bq.estimate_sigma(clean + rng.normal(0, sigma, clean.shape)) - sigma) < 0.1 * sigma
