@@ -235,9 +235,13 @@ class WMVStopper:
 # the paper's (rel_tol 0) with a long patience: it only stops a fit that has really stopped moving.
 # Super-resolution (no noise in the input): on our measurements the PSNR still creeps up at the end of
 # the schedule, so only a small tolerance (0.1) and a long patience: it stops plateaued fits only.
+# lag 1 (noise tasks, averaged outputs): the output average (decay 0.99 a step, ~100 steps of memory)
+# lags the fit by a fixed number of steps whatever the image size, so the image one check before the
+# minimum is the better one: on 9 CPU crops with the paper's net the mean gap to the oracle went from
+# 0.58 to 0.46 dB (0.21 to 0.08 dB without the one crop where the rule never fired), better on 7 of 9.
 _TASK_DEFAULTS: dict[str, dict] = {
-    "denoise": dict(window=4, patience=8, min_steps=200, rel_tol=0.5),
-    "jpeg": dict(window=4, patience=8, min_steps=200, rel_tol=0.5),
+    "denoise": dict(window=4, patience=8, min_steps=200, rel_tol=0.5, lag=1),
+    "jpeg": dict(window=4, patience=8, min_steps=200, rel_tol=0.5, lag=1),
     "sr": dict(window=4, patience=12, min_steps=500, rel_tol=0.1),
     "inpaint": dict(window=4, patience=16, min_steps=500, rel_tol=0.0),
 }
@@ -257,12 +261,18 @@ def stop_config_for(cfg=None, check_every: int = 50, **overrides) -> StopConfig:
     task = getattr(cfg, "task", None) or "denoise"
     base = dict(_TASK_DEFAULTS.get(task, _TASK_DEFAULTS["denoise"]))
     base.update(_PRESET_DEFAULTS.get(getattr(cfg, "preset", None) or "", {}))
+    if getattr(cfg, "output", "ema") == "last":
+        base["lag"] = 0  # no average, no lag
     if check_every != 50:
         f = 50.0 / check_every
         base["window"] = max(2, round(base["window"] * f))
         base["patience"] = max(1, round(base["patience"] * f))
+        base["lag"] = min(round(base.get("lag", 0) * f), base["window"] - 1)
     base["check_every"] = check_every
-    base.update({k: v for k, v in overrides.items() if v is not None})
+    over = {k: v for k, v in overrides.items() if v is not None}
+    base.update(over)
+    if "lag" not in over:  # a default lag never exceeds a window given by the caller
+        base["lag"] = min(base.get("lag", 0), base["window"] - 1)
     return StopConfig(**base)
 
 

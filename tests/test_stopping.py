@@ -234,3 +234,12 @@ def test_lag_returns_an_earlier_image_of_the_window_and_replays_the_same(lag):
         StopConfig(window=4, lag=4)
     with pytest.raises(ValueError, match="lag"):
         StopConfig(result="mean", lag=1)
+
+
+def test_default_lag_follows_the_output_average():
+    d = stop_config_for(make_config("denoise"))
+    assert d.lag == 1 and stop_config_for(make_config("jpeg")).lag == 1
+    assert stop_config_for(make_config("denoise", output="last")).lag == 0  # nothing averaged, nothing lags
+    assert stop_config_for(make_config("inpaint")).lag == 0 and stop_config_for(make_config("sr", scale=4)).lag == 0
+    d10 = stop_config_for(make_config("denoise"), check_every=10)
+    assert d10.lag * 10 == d.lag * 50  # the same 50 steps
