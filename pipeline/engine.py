@@ -446,10 +446,14 @@ def slots_for_memory(budget: float, peak1: int, peak2: int, max_slots: int) -> i
 def auto_slots(cfg: FitConfig, canvas: tuple[int, int], channels: int, device, n_items: int,
                max_slots: int = 64, margin: float = 0.8) -> int:
     """How many fits to batch: on CUDA from the free memory and the measured peaks of 1 and 2 slots
-    (a safety ``margin`` of the free memory is kept; out-of-memory later halves the batch); 1-4 on a CPU."""
+    (a safety ``margin`` of the free memory is kept; out-of-memory later halves the batch); 1 on a CPU.
+
+    On a CPU batching gains nothing (the convolutions already use every core: 2, 4 slots measured the
+    same or slower per fit than one, docs/BENCHMARKS.md), and a batch whose queue has run dry still
+    computes its empty slots: the last image of a 4-slot CPU batch took as long as four."""
     dev = torch.device(device)
     if dev.type != "cuda":
-        return max(1, min(n_items, 4))
+        return 1
     if n_items <= 1:
         return 1
     peak1 = estimate_slot_bytes(cfg, canvas, channels, dev, 1)
