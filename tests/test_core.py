@@ -510,3 +510,9 @@ def test_expand_puts_each_slots_value_on_its_own_weights(slots):
     for s in range(slots):
         for sl in G.slot_indices(s):
             assert torch.all(got[sl] == v[s])
+
+
+def test_cpu_batches_one_fit_at_a_time():
+    """On a CPU batching gains nothing and a drained batch still computes its idle slots (BENCHMARKS.md)."""
+    from pipeline.engine import auto_slots
+    assert auto_slots(PRESETS["fast"], (32, 32), 3, "cpu", 10) == 1
