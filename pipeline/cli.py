@@ -41,7 +41,7 @@ def _add_restore(sub):
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto: CUDA when present)")
     p.add_argument("--glob", default="*", help="file pattern inside directories (default: all image files)")
-    p.add_argument("--slots", type=int, help="fits per batch on one device (default: from free memory)")
+    p.add_argument("--slots", type=int, help="fits per batch on one device (default: from the free memory on CUDA, 1 on a CPU)")
     p.add_argument("--precision", choices=("fp32", "tf32", "bf16"), help="arithmetic (default fp32 on CPU, "
                                                                           "the fastest that keeps quality on CUDA)")
     p.add_argument("--output", choices=("ema", "weights_ema", "last"),
