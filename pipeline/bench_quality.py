@@ -286,7 +286,7 @@ def replay_variants(row: dict, stop_cfg, variants=VARIANTS) -> list[dict]:
 # The discrepancy principle, another reference-free rule for Gaussian denoising: stop when the data term
 # (the output's MSE to the noisy input) has fallen to about the noise variance, sigma^2, with sigma
 # estimated from the noisy image (skimage's wavelet estimator). Below that the fit is fitting noise.
-DISCREPANCY = (0.95, 1.0, 1.05, 1.1, 1.2)
+DISCREPANCY = (0.85, 0.9, 0.95, 1.0, 1.05)  # on 5 CPU crops the oracle step sat at 0.81-0.91 (docs/stopping.md)
 DISCREPANCY_SMOOTH = 50  # steps of the loss averaged (the per-step loss jitters with the input noise)
 
 
@@ -431,10 +431,14 @@ def run_suite(suite: str, cases: list[Case], device="auto", fast: bool = False, 
     if ok and all(r.get("discrepancy") and r.get("oracle_psnr") is not None for r in ok):
         for j, c in enumerate(DISCREPANCY):
             got = [r["discrepancy"][j] for r in ok]
+            # "hybrid": the variance rule where it fired, this rule where it did not (instead of the cap)
+            hyb = [r["auto_psnr"] if r.get("auto_fired") else g["psnr"] for g, r in zip(got, ok)]
             discrepancy.append({"factor": c, "mean": round(float(np.mean([g["psnr"] for g in got])), 4),
                                 "mean_oracle_gap": round(float(np.mean([g["psnr"] - r["oracle_psnr"]
                                                                         for g, r in zip(got, ok)])), 4),
-                                "fired": sum(g["step"] is not None for g in got)})
+                                "fired": sum(g["step"] is not None for g in got),
+                                "hybrid_mean_oracle_gap": round(float(np.mean([h - r["oracle_psnr"]
+                                                                               for h, r in zip(hyb, ok)])), 4)})
     return {
         "suite": suite, "preset": preset, "variants": variants, "discrepancy": discrepancy, "task": task,
         "steps": cfg.steps, "check_every": check_every,
@@ -485,9 +489,11 @@ def print_suite(res: dict, out=None) -> None:
                   f"{v['mean_mean']:6.2f}  {v['mean_oracle_gap']:+6.2f}  {v['mean_stopped_at']:7.0f}", file=out)
     if res.get("discrepancy") and res["preset"] != "fast":
         print("discrepancy principle replayed (stop when the loss, averaged over %d steps, reaches c x sigma_est^2): "
-              "c -> mean PSNR, gap to the oracle, images where it fired" % DISCREPANCY_SMOOTH, file=out)
+              "c -> mean PSNR, gap to the oracle, images where it fired; gap of the hybrid (the variance rule, "
+              "this one where that never fired)" % DISCREPANCY_SMOOTH, file=out)
         for d in res["discrepancy"]:
-            print(f"  {d['factor']:4.2f} -> {d['mean']:6.2f}  {d['mean_oracle_gap']:+6.2f}  {d['fired']}", file=out)
+            print(f"  {d['factor']:4.2f} -> {d['mean']:6.2f}  {d['mean_oracle_gap']:+6.2f}  {d['fired']}"
+                  f"   hybrid {d['hybrid_mean_oracle_gap']:+6.2f}", file=out)
 
 
 def main(args) -> int:
