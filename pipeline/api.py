@@ -186,15 +186,22 @@ def metrics(out: ImageData, ref: ImageData) -> dict:
     return {"psnr": round(psnr, 4), "ssim": round(ssim, 5)}
 
 
-def from_fit(p: Problem, fit, device: str) -> Result:
+def output_image(p: Problem, px: np.ndarray) -> ImageData:
+    """The result image of ``p`` from its fitted pixels (H, W, C) at the output size: the input's alpha
+    (resized for super-resolution), bit depth and carried metadata (dpi times the factor)."""
     H, W = p.out_shape
-    px = np.ascontiguousarray(fit.image[:, :H, :W].transpose(1, 2, 0), dtype=np.float32)
     alpha = p.image.alpha
     if alpha is not None and p.factor != 1:
         from PIL import Image
         alpha = np.asarray(Image.fromarray(alpha.astype(np.float32), mode="F").resize((W, H), Image.LANCZOS))
         alpha = np.clip(alpha, 0, 1).astype(np.float32)
-    img = ImageData(np.clip(px, 0, 1), alpha, p.image.bits, "", scaled_meta(p.image.meta, p.factor))
+    return ImageData(np.clip(px, 0, 1), alpha, p.image.bits, "", scaled_meta(p.image.meta, p.factor))
+
+
+def from_fit(p: Problem, fit, device: str) -> Result:
+    H, W = p.out_shape
+    px = np.ascontiguousarray(fit.image[:, :H, :W].transpose(1, 2, 0), dtype=np.float32)
+    img = output_image(p, px)
     res = Result(problem=p, image=img, steps=fit.steps, seconds=fit.seconds, loss=fit.loss.tolist(),
                  restores=fit.restores, stop_reason=fit.stop_reason, device=device, extra=dict(fit.extra),
                  weights=fit.weights, z=fit.z)

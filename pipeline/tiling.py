@@ -49,9 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.api import VERSION, Problem, Result
+from pipeline.api import VERSION, Problem, Result, output_image
 from pipeline.api import metrics as _metrics
-from pipeline.io import ImageData, ImageError, decode_meta, encode_meta, scaled_meta
+from pipeline.io import ImageData, ImageError, encode_meta
 
 log = logging.getLogger("dip.tiling")
 
@@ -436,15 +436,8 @@ class Merger:
         if not (self.wsum > 0).all():
             raise AssertionError("a pixel has no tile weight (plan bug)")
         lay, p = self.layout, self.layout.problem
-        px = np.clip(self.acc / self.wsum[:, :, None], 0.0, 1.0).astype(np.float32)
+        img = output_image(p, (self.acc / self.wsum[:, :, None]).astype(np.float32))  # as for a whole image
         self.acc = None
-        H, W = lay.out_shape
-        alpha = p.image.alpha
-        if alpha is not None and p.factor != 1:  # as pipeline.api.from_fit does for a whole image
-            from PIL import Image
-            alpha = np.asarray(Image.fromarray(alpha.astype(np.float32), mode="F").resize((W, H), Image.LANCZOS))
-            alpha = np.clip(alpha, 0, 1).astype(np.float32)
-        img = ImageData(px, alpha, p.image.bits, "", scaled_meta(p.image.meta, p.factor))
         rs = [self.results[i] for i in sorted(self.results)]
         reasons = sorted({r.stop_reason for r in rs}) or ["copied"]
         losses = [r.loss for r in rs if r.loss]
@@ -695,7 +688,7 @@ def render_tiled(layout_path, provider: str = "auto") -> ImageData:
     copied tiles from their PNGs, blended with the layout's weights; alpha from the alpha PNG.
     Raises pipeline.render.RenderError naming the file."""
     from pipeline.io import load_image
-    from pipeline.render import RenderError, render_model
+    from pipeline.render import RenderError, render_model, source_metadata
     layout_path = Path(layout_path)
     try:
         doc = json.loads(layout_path.read_text())
@@ -737,8 +730,5 @@ def render_tiled(layout_path, provider: str = "auto") -> ImageData:
         except ImageError as err:
             raise RenderError(base / doc["alpha"], err.reason) from None
         alpha = a.pixels[:, :, 0]
-    try:
-        carried = decode_meta(doc.get("source_metadata"))
-    except (ValueError, TypeError, KeyError, IndexError) as e:
-        raise RenderError(layout_path, f"bad source_metadata: {e}") from None
-    return ImageData(np.clip(acc / wsum[:, :, None], 0.0, 1.0), alpha, bits, str(layout_path), carried)
+    return ImageData(np.clip(acc / wsum[:, :, None], 0.0, 1.0), alpha, bits, str(layout_path),
+                     source_metadata(layout_path, doc.get("source_metadata")))
