@@ -156,7 +156,7 @@ def render_model(path, provider: str = "auto"):
 def render_loaded(path, data: bytes, meta: dict, provider: str = "auto"):
     """:func:`render_model` for a file already read and checked by :func:`load_model`."""
     import json
-    from pipeline.io import ImageData, decode_meta
+    from pipeline.io import ImageData
     try:
         sess, used = make_session(data, provider)
     except RuntimeError as e:
@@ -185,11 +185,17 @@ def render_loaded(path, data: bytes, meta: dict, provider: str = "auto"):
         alpha = (a.astype(np.float32) / (65535.0 if bits == 16 else 255.0)).reshape(H, W)
     elif meta.get("alpha", "none") != "none":
         raise RenderError(path, "the metadata says there is an alpha plane, but the model has no 'alpha' output")
+    return ImageData(pixels, alpha, bits, str(path), source_metadata(path, meta.get("source_metadata"))), used
+
+
+def source_metadata(path, value: str | None) -> dict:
+    """The source's ICC profile, dpi and EXIF as a model or tile layout stores them (``value``), for the
+    rendered PNG. Raises RenderError naming ``path`` when they cannot be decoded."""
+    from pipeline.io import decode_meta
     try:
-        carried = decode_meta(meta.get("source_metadata"))
+        return decode_meta(value)
     except (ValueError, TypeError, KeyError, IndexError) as e:
         raise RenderError(path, f"bad source_metadata: {e}") from None
-    return ImageData(pixels, alpha, bits, str(path), carried), used
 
 
 def img_note(meta: dict) -> str:
