@@ -267,7 +267,7 @@ def stop_config_for(cfg=None, check_every: int = 50, **overrides) -> StopConfig:
         f = 50.0 / check_every
         base["window"] = max(2, round(base["window"] * f))
         base["patience"] = max(1, round(base["patience"] * f))
-        base["lag"] = min(round(base.get("lag", 0) * f), base["window"] - 1)
+        base["lag"] = round(base.get("lag", 0) * f)
     base["check_every"] = check_every
     over = {k: v for k, v in overrides.items() if v is not None}
     base.update(over)
