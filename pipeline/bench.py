@@ -68,11 +68,6 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-def profile_steps(fit, steps: int, dev) -> dict:
-    """Profile ``steps`` calls of ``fit.step()``: see :func:`profile_calls`."""
-    return profile_calls(fit.step, steps, dev)
-
-
 def profile_calls(fn, steps: int, dev) -> dict:
     """Profile ``steps`` calls of ``fn()``: time per call by kind of kernel, and the top kernels.
 
@@ -152,7 +147,7 @@ def time_config(cfg, size: int, slots: int, steps: int, device, warmup: int = 3,
         "peak_gib_per_fit": round(peak / slots / 2 ** 30, 3),
     }
     if profile:
-        row["profile"] = profile_steps(fit, profile, dev)
+        row["profile"] = profile_calls(fit.step, profile, dev)
     return row
 
 
