@@ -260,6 +260,11 @@ VARIANTS = [dict(rel_tol=t, patience=p, lag=g) for t in (0.0, 0.1, 0.3, 0.5, 0.7
             for g in (0, 1, 2)]
 PRINTED_VARIANTS = 12  # the best ones by mean gap to the oracle, and the current rule
 
+
+def variant_key(v: dict) -> tuple:
+    """(rel_tol, patience, lag) of a variant or a StopConfig dict."""
+    return v["rel_tol"], v["patience"], v.get("lag", 0)
+
 def replay_variants(row: dict, stop_cfg, variants=VARIANTS) -> list[dict]:
     """What other (rel_tol, patience, smooth) settings would have chosen, from a row's recorded traces."""
     from pipeline.stopping import choose_from_trace
@@ -285,7 +290,7 @@ def replay_variants(row: dict, stop_cfg, variants=VARIANTS) -> list[dict]:
 
 # The discrepancy principle, another reference-free rule for Gaussian denoising: stop when the data term
 # (the output's MSE to the noisy input) has fallen to about the noise variance, sigma^2, with sigma
-# estimated from the noisy image (skimage's wavelet estimator). Below that the fit is fitting noise.
+# estimated from the noisy image (:func:`estimate_sigma`). Below that the fit is fitting noise.
 DISCREPANCY = (0.85, 0.9, 0.95, 1.0, 1.05)  # on 5 CPU crops the oracle step sat at 0.81-0.91 (docs/stopping.md)
 DISCREPANCY_SMOOTH = 50  # steps of the loss averaged (the per-step loss jitters with the input noise)
 
@@ -306,11 +311,13 @@ def replay_discrepancy(row: dict, factors=DISCREPANCY, smooth: int = DISCREPANCY
     loss = np.asarray(row.get("loss") or [], np.float64)
     sigma = row.get("sigma_est")
     checks = [(int(s), p) for s, p, _pm in row.get("metric_trace", [])]
+    avg = None
+    if sigma and len(loss) >= smooth:
+        avg = np.convolve(loss, np.ones(smooth) / smooth, mode="valid")  # avg[i]: steps i+1 .. i+smooth
     out = []
     for c in factors:
         step = None
-        if sigma and len(loss) >= smooth:
-            avg = np.convolve(loss, np.ones(smooth) / smooth, mode="valid")  # avg[i]: steps i+1 .. i+smooth
+        if avg is not None:
             hit = np.nonzero(avg <= c * sigma ** 2)[0]
             if hit.size:
                 step = int(hit[0]) + smooth
@@ -413,13 +420,12 @@ def run_suite(suite: str, cases: list[Case], device="auto", fast: bool = False, 
         mean[k] = round(float(np.mean(vals)), 4) if vals and len(vals) == len(ok) else None
     variants = []
     if ok and all(r.get("oracle_psnr") is not None for r in ok):
-        def key(v):
-            return v["rel_tol"], v["patience"], v.get("lag", 0)
-        per_row = [{key(x): x for x in r["variants"]} for r in ok]
+        per_row = [{variant_key(x): x for x in r["variants"]} for r in ok]
         for v in VARIANTS:
-            if any(key(v) not in d for d in per_row):
+            k = variant_key(v)
+            if any(k not in d for d in per_row):
                 continue
-            vals = [(d[key(v)]["psnr_last"], d[key(v)]["psnr_mean"], r["oracle_psnr"], d[key(v)]["stopped_at"])
+            vals = [(d[k]["psnr_last"], d[k]["psnr_mean"], r["oracle_psnr"], d[k]["stopped_at"])
                     for d, r in zip(per_row, ok)]
             if any(x[0] is None for x in vals):
                 continue
@@ -479,12 +485,11 @@ def print_suite(res: dict, out=None) -> None:
         print(f"rule variants replayed on the traces (window {sc['window']}; the best {PRINTED_VARIANTS} by gap, "
               f"and * the current rule; all in the JSON): rel_tol patience lag -> mean PSNR (last / window "
               f"mean), gap to the oracle, mean stop step", file=out)
-        cur = (sc["rel_tol"], sc["patience"], sc.get("lag", 0))
+        cur = variant_key(sc)
         ranked = sorted(res["variants"], key=lambda v: -v["mean_oracle_gap"])
-        shown = ranked[:PRINTED_VARIANTS] + [v for v in ranked[PRINTED_VARIANTS:]
-                                              if (v["rel_tol"], v["patience"], v.get("lag", 0)) == cur]
+        shown = ranked[:PRINTED_VARIANTS] + [v for v in ranked[PRINTED_VARIANTS:] if variant_key(v) == cur]
         for v in shown:
-            mark = "*" if (v["rel_tol"], v["patience"], v.get("lag", 0)) == cur else " "
+            mark = "*" if variant_key(v) == cur else " "
             print(f" {mark}{v['rel_tol']:4.2f} {v['patience']:3d} {v.get('lag', 0):3d} -> {v['mean_last']:6.2f} / "
                   f"{v['mean_mean']:6.2f}  {v['mean_oracle_gap']:+6.2f}  {v['mean_stopped_at']:7.0f}", file=out)
     if res.get("discrepancy") and res["preset"] != "fast":
