@@ -206,8 +206,9 @@ class EvalStopper:
     afterwards (:func:`replay_variants`)."""
 
     def __init__(self, stop_config, item=None, y_border: int | None = None):
-        from pipeline.stopping import WMVStopper
-        self.rule = WMVStopper(stop_config)
+        from pipeline.stopping import WMVStopper, sigma_of_item
+        sigma = sigma_of_item(item) if stop_config.discrepancy and item is not None else None
+        self.rule = WMVStopper(stop_config, sigma=sigma)
         self.shadow = WMVStopper(stop_config.replace(patience=10 ** 9, rel_tol=0.0, smooth=1))
         self.y_border = y_border
         self.ref = None
@@ -248,6 +249,9 @@ class EvalStopper:
         return False
 
     def summary(self) -> dict:
+        if not self.fired and self.rule.fallback_image is not None:  # the rule's fallback at the cap
+            self.auto = {"stopped_at": None, "step": self.rule.fallback_step, "from": "discrepancy",
+                         "psnr": self._score(self.rule.fallback_image)}
         return {"fired": self.fired, "auto": self.auto, "oracle_step": self.oracle[0],
                 "oracle_psnr": None if self.oracle[0] is None else round(self.oracle[1], 4),
                 "metric_trace": self.trace, "var_trace": self.shadow.summary()["trace"],
@@ -290,19 +294,9 @@ def replay_variants(row: dict, stop_cfg, variants=VARIANTS) -> list[dict]:
 
 # The discrepancy principle, another reference-free rule for Gaussian denoising: stop when the data term
 # (the output's MSE to the noisy input) has fallen to about the noise variance, sigma^2, with sigma
-# estimated from the noisy image (:func:`estimate_sigma`). Below that the fit is fitting noise.
+# estimated from the noisy image (:func:`pipeline.stopping.estimate_sigma`). Below that the fit is fitting noise.
 DISCREPANCY = (0.85, 0.9, 0.95, 1.0, 1.05)  # on 5 CPU crops the oracle step sat at 0.81-0.91 (docs/stopping.md)
 DISCREPANCY_SMOOTH = 50  # steps of the loss averaged (the per-step loss jitters with the input noise)
-
-
-def estimate_sigma(img: np.ndarray) -> float:
-    """The noise level of an (H, W[, C]) image in [0, 1]: Donoho and Johnstone's median absolute deviation
-    of the finest diagonal wavelet coefficients, median(|HH|) / 0.6745, with the Haar wavelet (so no
-    PyWavelets, which scikit-image's estimate_sigma needs), averaged over the channels."""
-    a = img if img.ndim == 3 else img[:, :, None]
-    a = a[:a.shape[0] // 2 * 2, :a.shape[1] // 2 * 2]
-    hh = (a[0::2, 0::2] - a[0::2, 1::2] - a[1::2, 0::2] + a[1::2, 1::2]) / 2.0
-    return float(np.mean([np.median(np.abs(hh[:, :, k])) / 0.6745 for k in range(a.shape[2])]))
 
 
 def replay_discrepancy(row: dict, factors=DISCREPANCY, smooth: int = DISCREPANCY_SMOOTH) -> list[dict]:
@@ -337,7 +331,7 @@ def eval_factory(stop_config, y_border):
 def run_suite(suite: str, cases: list[Case], device="auto", fast: bool = False, max_steps: int | None = None,
               slots: int | None = None, seed: int = 0, check_every: int = 50) -> dict:
     from pipeline.api import fit_problems, make_problem
-    from pipeline.stopping import stop_config_for
+    from pipeline.stopping import estimate_sigma, stop_config_for
     preset = "fast" if fast else SUITE_PRESETS[suite]
     task = SUITE_TASKS[suite]
     over = {}
@@ -380,16 +374,18 @@ def run_suite(suite: str, cases: list[Case], device="auto", fast: bool = False, 
         ev = r.extra.get("stopping", {})
         fired = bool(ev.get("fired"))
         auto = ev.get("auto") or {}
+        chose = fired or auto.get("from") == "discrepancy"  # the rule's image, or its fallback at the cap
         dip_paper, base_paper = PAPER[suite].get(c.name, (None, None))
         row = {
             "name": c.name,
             "size": list(c.reference.shape[:2][::-1]),
             "steps": r.steps,
             "seconds": round(r.seconds, 2),
-            "auto_psnr": round(auto["psnr"], 4) if fired and auto.get("psnr") is not None else round(final, 4),
-            "auto_step": auto.get("step") if fired else r.steps,
+            "auto_psnr": round(auto["psnr"], 4) if chose and auto.get("psnr") is not None else round(final, 4),
+            "auto_step": auto.get("step") if chose else r.steps,
             "auto_stopped_at": auto.get("stopped_at") if fired else r.steps,
             "auto_fired": fired,
+            "auto_from": "variance" if fired else auto.get("from", "last"),
             "oracle_psnr": ev.get("oracle_psnr"),
             "oracle_step": ev.get("oracle_step"),
             "final_psnr": round(final, 4),

@@ -377,10 +377,12 @@ class BatchedFitter:
                 if images is None:
                     images = self.render()
                 for s, reason in done:
+                    # the stopper's choice: its rule's image when it fired, or its fallback at the cap
                     st = self.stoppers[s]
-                    if reason == "auto" and st is not None and getattr(st, "best_image", None) is not None:
+                    chosen = st.result_image() if st is not None and hasattr(st, "result_image") else None
+                    if chosen is not None:
                         images = images.clone()
-                        images[s] = st.best_image.to(images.device)
+                        images[s] = chosen.to(images.device)
                     if self.distill:
                         self.begin_distill(s, reason, images[s])
                     else:

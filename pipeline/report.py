@@ -81,6 +81,23 @@ def _num(x) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
+def _fallback_step(stopping: dict) -> float | None:
+    """The step of the image the stopping rule's fallback chose at the cap (None if it did not)."""
+    fb = stopping.get("fallback") if isinstance(stopping, dict) else None
+    if isinstance(fb, dict) and fb.get("used") is True:
+        return _num(fb.get("step"))
+    return None
+
+
+def _chosen_step(stopping) -> float | None:
+    """The step of the saved image when the stopping rule chose it: where it fired, or its fallback."""
+    if not isinstance(stopping, dict) or not stopping:
+        return None
+    if _num(stopping.get("stopped_at")) is not None:
+        return _num(stopping.get("chosen_step"))
+    return _fallback_step(stopping)
+
+
 def _scan_records(out: Path) -> dict[str, dict]:
     """Every result JSON under OUT (``{id: record}``): the "done" markers, also those the manifest lacks."""
     recs = {}
@@ -181,9 +198,9 @@ def collect(out) -> dict:
             "steps": _num(rec.get("steps")) if rec else None,
             "max_steps": _num(opts.get("steps")),
             "stop_reason": rec.get("stop_reason") or "",
-            # the auto-stop step only when the rule fired (else the fit ran to its cap and kept the last image)
-            "chosen_step": _num(stopping.get("chosen_step")) if stopping and _num(stopping.get("stopped_at"))
-            is not None else None,
+            # the auto-stop step only when the rule fired or its fallback chose the image at the cap (else the
+            # fit ran to its cap and kept the last image)
+            "chosen_step": _chosen_step(stopping),
             "stop_rule": str(stopping.get("reason") or "") if stopping else "",
             "stopping": stopping, "seconds": seconds,
             "psnr": _num(metrics.get("psnr")), "ssim": _num(metrics.get("ssim")),
@@ -340,9 +357,12 @@ def _plot(rec: dict) -> str | None:
         ax2.set_ylabel("VAR", fontsize=8)
     if st:
         chosen, stopped = _num(st.get("chosen_step")), _num(st.get("stopped_at"))
+        fb = _fallback_step(st)
+        if fb is not None:  # the rule did not fire; its fallback chose the image at the cap
+            handles.append(ax.axvline(fb, color="C2", ls="--", lw=1.2, label=f"chosen step {fb:.0f} (discrepancy)"))
         if chosen is not None and stopped is not None:
             handles.append(ax.axvline(chosen, color="C2", ls="--", lw=1.2, label=f"chosen step {chosen:.0f}"))
-        elif chosen is not None:  # the rule did not fire: the fit ran to its cap and kept its last image
+        elif chosen is not None:  # the rule did not fire: the fit ran to its cap, its minimum was not used
             handles.append(ax.axvline(chosen, color="0.5", ls="--", lw=1, label=f"VAR minimum {chosen:.0f} (not used)"))
         if stopped is not None and stopped != chosen:
             handles.append(ax.axvline(stopped, color="C3", ls=":", lw=1.2, label=f"stopped at {stopped:.0f}"))

@@ -108,11 +108,3 @@ def test_replayed_discrepancy_principle_stops_where_the_loss_reaches_the_noise_v
     assert got[1.0]["psnr"] == 20.0 + got[1.0]["chosen"] / 100
     assert got[1.2]["step"] < got[1.0]["step"]  # a looser level is reached earlier
     assert got[0.5]["step"] is None and got[0.5]["psnr"] == 20.0  # never reached: the final image
-
-
-def test_noise_level_estimate():
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:128, 0:128] / 128.0
-    clean = np.stack([0.5 + 0.3 * np.sin(4 * xx + k) * np.cos(3 * yy) for k in range(3)], -1)
-    for sigma in (0.02, 0.1):
-        assert abs(bq.estimate_sigma(clean + rng.normal(0, sigma, clean.shape)) - sigma) < 0.1 * sigma

@@ -129,6 +129,23 @@ def test_report_from_files(tmp_path):
     assert 'alt="loss curve"' in text
 
 
+def test_report_shows_the_step_the_stopping_fallback_chose(tmp_path):
+    """A fit that ran to its cap: the VAR minimum (not used) is no chosen step; the fallback's image is."""
+    out = tmp_path / "out"
+    base = {"task": "denoise", "preset": "denoise", "steps": 1200, "stop_reason": "steps", "seconds": 3.0,
+            "loss": [0.01] * 1200, "metrics": {}}
+    st = {"rule": "es-wmv", "reason": "not triggered", "chosen_step": 400, "stopped_at": None,
+          "trace": [[s, 1e-3] for s in range(200, 1201, 50)]}
+    for name, stopping in (("fb", {**st, "result_from": "discrepancy",
+                                   "fallback": {"rule": "discrepancy", "step": 550, "used": True}}),
+                           ("cap", {**st, "result_from": "last"})):
+        write_png(out / f"{name}.png", seed=1)
+        (out / f"{name}.json").write_text(json.dumps({**base, "stopping": stopping, "job": {"id": name}}))
+    text = report.build(out).read_text()
+    assert 'data-col="chosen_step" data-sort="550.0">550<' in text
+    assert text.count('data-col="chosen_step" data-sort="400.0"') == 0
+
+
 @pytest.fixture
 def browser(tmp_path):
     if not os.path.exists(CHROMIUM):

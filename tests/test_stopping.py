@@ -9,7 +9,8 @@ import torch
 
 from pipeline.config import make_config
 from pipeline.engine import BatchedFitter, FitItem
-from pipeline.stopping import StopConfig, WMVStopper, choose_from_trace, make_stopper_factory, stop_config_for
+from pipeline.stopping import (StopConfig, WMVStopper, choose_from_trace, estimate_sigma, make_stopper_factory,
+                               sigma_of_item, stop_config_for)
 
 CHECK = 50
 
@@ -243,3 +244,103 @@ def test_default_lag_follows_the_output_average():
     assert stop_config_for(make_config("inpaint")).lag == 0 and stop_config_for(make_config("sr", scale=4)).lag == 0
     d10 = stop_config_for(make_config("denoise"), check_every=10)
     assert d10.lag * 10 == d.lag * 50  # the same 50 steps
+
+
+def test_noise_level_estimate():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:128, 0:128] / 128.0
+    clean = np.stack([0.5 + 0.3 * np.sin(4 * xx + k) * np.cos(3 * yy) for k in range(3)], -1)
+    for sigma in (0.02, 0.1):
+        assert abs(estimate_sigma(clean + rng.normal(0, sigma, clean.shape)) - sigma) < 0.1 * sigma
+    # a padded canvas: the item's estimate looks at the known region only
+    item = _noisy_item("pad", size=32, sigma=0.1)
+    canvas = np.zeros((3, 48, 40), np.float32)
+    canvas[:, :32, :32] = item.target
+    mask = np.zeros((1, 48, 40), np.float32)
+    mask[:, :32, :32] = 1
+    padded = FitItem(key="pad", target=canvas, mask=mask)
+    assert sigma_of_item(padded) == pytest.approx(sigma_of_item(item))
+    assert sigma_of_item(item) == pytest.approx(0.1, rel=0.3)
+    with pytest.raises(ValueError, match="2x2"):
+        estimate_sigma(np.zeros((1, 5)))
+
+
+@pytest.mark.parametrize("check", [50, 20, 7])
+def test_discrepancy_fallback_keeps_the_image_where_the_loss_reaches_the_noise_level(check):
+    """The live fallback finds the same first crossing as the bench's replay, whatever the check interval."""
+    from pipeline.bench_quality import replay_discrepancy
+    sigma, n = 0.1, 600
+    rng = np.random.default_rng(1)
+    loss = torch.tensor([0.05 * 0.99 ** t + 0.009 + 0.0005 * rng.standard_normal() for t in range(n)])
+    cfg = StopConfig(window=3, patience=10 ** 6, min_steps=0, check_every=check, discrepancy=1.0,
+                     discrepancy_smooth=25)
+    st = WMVStopper(cfg, sigma=sigma)
+    imgs = {}
+    for t in range(check, n + 1, check):
+        imgs[t] = torch.full((3, 4, 4), float(t))
+        assert not st.update(t, imgs[t], loss[:t])
+    row = {"loss": loss.tolist(), "sigma_est": sigma, "final_psnr": 0.0,
+           "metric_trace": [[t, float(t), None] for t in imgs]}
+    (want,) = replay_discrepancy(row, factors=(1.0,), smooth=25)
+    assert want["chosen"] is not None and st.fallback_step == want["chosen"]
+    assert torch.equal(st.fallback_image, imgs[want["chosen"]])
+    assert st.stopped_at is None and st.result_from == "discrepancy"
+    assert torch.equal(st.result_image(), imgs[want["chosen"]])
+    s = st.summary()
+    assert s["result_from"] == "discrepancy"
+    assert s["fallback"] == {"rule": "discrepancy", "factor": 1.0, "sigma_est": 0.1, "step": want["chosen"],
+                             "used": True}
+    # a level never reached: no fallback, the fit keeps its last image
+    low = WMVStopper(cfg.replace(discrepancy=0.5), sigma=sigma)
+    for t in imgs:
+        low.update(t, imgs[t], loss[:t])
+    assert low.result_image() is None and low.summary()["fallback"]["step"] is None
+    # off (the default), or no noise level: nothing kept, nothing synced
+    assert WMVStopper(cfg.replace(discrepancy=0.0), sigma=sigma).threshold is None
+    assert WMVStopper(cfg).threshold is None and "fallback" not in WMVStopper(cfg).summary()
+    with pytest.raises(ValueError, match="discrepancy"):
+        StopConfig(discrepancy=-1)
+
+
+def test_variance_rule_wins_over_the_fallback():
+    ts, imgs, _errs = _synthetic(1500, steps=4000, seed=3)
+    cfg = StopConfig(window=4, patience=10, min_steps=200, check_every=CHECK, rel_tol=0.0, discrepancy=1.0,
+                     discrepancy_smooth=10)
+    st = WMVStopper(cfg, sigma=1.0)
+    loss = torch.full((4000,), 0.5)  # below sigma^2 from the start: the fallback is the first check
+    stopped = None
+    for t, x in zip(ts, imgs):
+        if st.update(int(t), x, loss[:t]):
+            stopped = int(t)
+            break
+    assert stopped is not None and st.fallback_step == CHECK
+    assert st.result_from == "variance" and torch.equal(st.result_image(), st.best_image)
+    assert st.summary()["fallback"]["used"] is False
+
+
+def test_real_fit_returns_the_fallback_image_at_its_cap():
+    """A fit whose variance rule never fires returns the image of the discrepancy crossing, not its last."""
+    cfg = make_config("denoise", preset="fast", steps=120, distill_steps=0)
+    made = []
+
+    def run(**over):
+        factory = make_stopper_factory(cfg, check_every=10, window=3, patience=10 ** 6, min_steps=0, **over)
+
+        def keep(item=None):
+            made.append(factory(item))
+            return made[-1]
+
+        torch.manual_seed(0)
+        fit = BatchedFitter(cfg, (32, 32), 3, 1, "cpu", stopper_factory=keep, check_every=10)
+        (res,) = fit.run([_noisy_item("a", reference=False)])
+        return res, made[-1]
+
+    res, st = run(discrepancy=50.0, discrepancy_smooth=5)  # a generous level, crossed within the run
+    assert res.stop_reason == "steps" and res.steps == 120
+    assert st.sigma == pytest.approx(25 / 255, rel=0.3)  # estimated from the item's noisy image
+    fb = res.extra["stopping"]["fallback"]
+    assert fb["used"] and 10 <= fb["step"] < 120 and res.extra["stopping"]["result_from"] == "discrepancy"
+    assert np.array_equal(res.image, st.fallback_image.numpy())
+    last, st0 = run()  # no fallback: the same fit keeps its last image
+    assert st0.sigma is None and res.extra["stopping"]["result_from"] == "discrepancy"
+    assert last.extra["stopping"]["result_from"] == "last" and not np.array_equal(last.image, res.image)
