@@ -244,6 +244,10 @@ def test_default_lag_follows_the_output_average():
     assert stop_config_for(make_config("inpaint")).lag == 0 and stop_config_for(make_config("sr", scale=4)).lag == 0
     d10 = stop_config_for(make_config("denoise"), check_every=10)
     assert d10.lag * 10 == d.lag * 50  # the same 50 steps
+    # the discrepancy fallback: Gaussian denoising only
+    assert d.discrepancy == 0.9 and d10.discrepancy == 0.9 and d10.discrepancy_smooth == 50
+    assert all(stop_config_for(make_config(t, **kw)).discrepancy == 0.0
+               for t, kw in (("jpeg", {}), ("inpaint", {}), ("sr", {"scale": 4})))
 
 
 def test_noise_level_estimate():
@@ -341,6 +345,6 @@ def test_real_fit_returns_the_fallback_image_at_its_cap():
     fb = res.extra["stopping"]["fallback"]
     assert fb["used"] and 10 <= fb["step"] < 120 and res.extra["stopping"]["result_from"] == "discrepancy"
     assert np.array_equal(res.image, st.fallback_image.numpy())
-    last, st0 = run()  # no fallback: the same fit keeps its last image
+    last, st0 = run(discrepancy=0.0)  # no fallback: the same fit keeps its last image
     assert st0.sigma is None and res.extra["stopping"]["result_from"] == "discrepancy"
     assert last.extra["stopping"]["result_from"] == "last" and not np.array_equal(last.image, res.image)
