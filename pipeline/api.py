@@ -255,68 +255,193 @@ def _array_to_image(a: np.ndarray) -> ImageData:
     return ImageData(np.clip(a, 0, 1), alpha, bits)
 
 
-def fit_problems(problems: Iterable[Problem], device="auto", slots: int | None = None,
+class Feed:
+    """A source of problems for :func:`fit_problems` that may have nothing *now* and more later (the Ray
+    actor's inbox, pipeline.job). ``get(wait)`` returns the next problem (or a :class:`Ready`); ``None``
+    when nothing is there now and ``wait`` is False; ``Feed.END`` when nothing more will ever come. With
+    ``wait`` True it blocks until one of those is available."""
+
+    END = object()
+    live = True  # False: everything is there from the start (a plain list behind the interface)
+
+    def get(self, wait: bool):  # pragma: no cover - the interface
+        raise NotImplementedError
+
+
+@dataclass
+class Ready:
+    """A result made without the engine (a bad input, an image whose tiles are all copied), passed
+    through a feed so that it comes out of fit_problems in turn."""
+
+    problem: object
+    result: object
+
+
+class _IterFeed(Feed):
+    """A plain iterable as a feed: it never has "nothing now"."""
+
+    live = False
+
+    def __init__(self, it):
+        self.it = iter(it)
+
+    def get(self, wait: bool):
+        return next(self.it, Feed.END)
+
+
+def _drain(feed: Feed) -> list:
+    out = []
+    while (x := feed.get(True)) is not Feed.END:
+        if x is not None:
+            out.append(x)
+    return out
+
+
+def fit_problems(problems: Iterable[Problem] | Feed, device="auto", slots=None,
                  canvas_policy: str = "bucket", use_kernels: bool | None = None,
                  keep_weights: bool = False, trace_every: int = 0, stopper_factory=None,
                  on_step: Callable[[int], None] | None = None) -> Iterator[tuple[Problem, Result | Exception]]:
     """Fit many problems with the batched engine; yields (problem, Result or the exception) as each ends.
 
-    Problems are grouped by (config, channels) and then by canvas ("bucket") or padded to the largest
-    canvas of their group ("common"). Each group runs continuously batched with ``slots`` slots (default:
-    from the free device memory). On CUDA out-of-memory the group is retried with half the slots.
+    Problems are bucketed by (config, channels, canvas); with ``canvas_policy="common"`` every problem of
+    a (config, channels) group is padded to the group's largest canvas. One bucket is fitted at a time,
+    continuously batched: a finished slot takes the next problem of its bucket at once.
+
+    ``problems`` is an iterable, or a :class:`Feed` that can have more problems later: a bucket's batch
+    then also takes the problems that arrive while it runs (so a Ray actor's batch stays full from one call
+    to the next), and when its bucket has nothing left now it drains, and the oldest waiting problem's
+    bucket goes next. A bucket that keeps being refilled while another bucket's problem waits hands over
+    after ``4 x slots`` more loads. (A plain iterable is read whole first: buckets go in order of their first
+    problem, each to its end.) ``canvas_policy="common"`` reads a feed to its end first.
+
+    ``slots``: the batch size, or None (from the free device memory: pipeline.engine.auto_slots), or a
+    function ``(cfg, canvas, channels, device, n_waiting) -> int | None``. Out of memory with more than one slot:
+    the bucket's in-flight problems go back to the front of its queue and its batch size is halved;
+    with one slot, the problem gets the error (pipeline.tiling retries it as tiles).
     """
+    import itertools
+    from collections import deque
     import torch
     from pipeline.engine import BatchedFitter, auto_slots, pick_device, is_oom
     dev = pick_device(device) if isinstance(device, str) else device
-    groups: dict = {}
-    for p in problems:
-        key = (p.cfg.replace(seed=0, steps=1), p.image.channels)
-        groups.setdefault(key, []).append(p)
-    for (cfg0, C), plist in groups.items():
-        cfg = plist[0].cfg
-        group_stopper = stopper_factory
-        if group_stopper is None and cfg.auto_stop:
+    feed = problems if isinstance(problems, Feed) else _IterFeed(problems)
+    live_feed = feed.live
+    common: dict = {}
+    if canvas_policy == "common":  # the common canvas is the largest of the group: read everything first
+        allp = _drain(feed)
+        for x in allp:
+            if not isinstance(x, Ready):
+                g = (x.cfg.replace(seed=0, steps=1), x.image.channels)
+                h, w = common.get(g, (0, 0))
+                common[g] = (max(h, x.canvas[0]), max(w, x.canvas[1]))
+        feed, live_feed = _IterFeed(allp), False
+    pending: dict = {}  # bucket key -> deque[(arrival, Problem)]
+    ready: deque = deque()  # (problem, result) to yield in turn
+    n_of: dict = {}  # bucket key -> its batch size (halved on out-of-memory)
+    arrival = itertools.count()
+    ended = False
+
+    def route(x) -> None:
+        if isinstance(x, Ready):
+            ready.append((x.problem, x.result))
+            return
+        g = (x.cfg.replace(seed=0, steps=1), x.image.channels)
+        pending.setdefault(g + (common.get(g, x.canvas),), deque()).append((next(arrival), x))
+
+    def poll(wait: bool = False) -> None:
+        nonlocal ended
+        while not ended:
+            x = feed.get(wait)
+            if x is Feed.END:
+                ended = True
+            elif x is None:
+                return
+            else:
+                route(x)
+                wait = False
+
+    def oldest_elsewhere(key) -> int | None:
+        heads = [q[0][0] for k, q in pending.items() if q and k != key]
+        return min(heads) if heads else None
+
+    def run_bucket(key):
+        _cfg0, C, canvas = key
+        dq = pending[key]
+        cfg = dq[0][1].cfg
+        factory = stopper_factory
+        if factory is None and cfg.auto_stop:
             from pipeline.stopping import make_stopper_factory
-            group_stopper = make_stopper_factory(cfg)
-        if canvas_policy == "common":
-            H = max(p.canvas[0] for p in plist)
-            W = max(p.canvas[1] for p in plist)
-            buckets = {(H, W): plist}
-        else:
-            buckets = {}
-            for p in plist:
-                buckets.setdefault(p.canvas, []).append(p)
-        for canvas, bl in buckets.items():
-            pending = list(bl)
-            n = slots or auto_slots(cfg, canvas, C, dev, len(pending))
-            while pending:
-                items = []
-                for i, p in enumerate(pending):
-                    it = to_fit_item(p, key=i, with_reference=trace_every > 0, canvas=canvas)
-                    it.steps = p.cfg.steps
-                    items.append(it)
-                done: set[int] = set()
-                try:
-                    fitter = BatchedFitter(cfg, canvas, C, min(n, len(pending)), dev, use_kernels=use_kernels,
-                                           keep_weights=keep_weights, trace_every=trace_every,
-                                           stopper_factory=group_stopper)
-                    for fit in fitter.iter_run(items, on_step):
-                        i = fit.key
-                        done.add(i)
-                        yield pending[i], from_fit(pending[i], fit, str(dev))
-                    pending = []
-                except Exception as e:  # noqa: BLE001
-                    if is_oom(e) and n > 1:
-                        pending = [p for i, p in enumerate(pending) if i not in done]
-                        n = max(1, n // 2)
-                        log.warning("out of memory with %d slots on %s; retrying with %d", 2 * n, canvas, n)
-                        if dev.type == "cuda":
-                            torch.cuda.empty_cache()
+            factory = make_stopper_factory(cfg)
+        if key not in n_of:  # kept for the bucket's later batches: a live feed's first ones may be small
+            waiting = 64 if live_feed else len(dq)
+            n = slots(cfg, canvas, C, dev, waiting) if callable(slots) else slots
+            n_of[key] = int(n or auto_slots(cfg, canvas, C, dev, waiting))
+        n = max(1, min(n_of[key], len(dq)))
+        inflight: dict[int, tuple[int, Problem]] = {}
+        keys = itertools.count()
+        passed_over = 0
+
+        def items():
+            nonlocal passed_over
+            while True:
+                if not dq:
+                    poll()
+                if dq:
+                    if live_feed:  # hand over to a bucket whose problem has waited longer, after a while
+                        old = oldest_elsewhere(key)
+                        if old is not None and old < dq[0][0]:
+                            passed_over += 1
+                            if passed_over > 4 * n:
+                                return
+                    a, p = dq.popleft()
+                    try:
+                        it = to_fit_item(p, key=next(keys), with_reference=trace_every > 0, canvas=canvas)
+                    except Exception as e:  # noqa: BLE001
+                        ready.append((p, e))
                         continue
-                    for i, p in enumerate(pending):
-                        if i not in done:
-                            yield p, e
-                    pending = []
+                    it.steps = p.cfg.steps
+                    inflight[it.key] = (a, p)
+                    yield it
+                elif ended:
+                    return
+                else:
+                    yield None  # nothing now: the free slot waits, and the batch drains if nothing comes
+
+        try:
+            fitter = BatchedFitter(cfg, canvas, C, n, dev, use_kernels=use_kernels, keep_weights=keep_weights,
+                                   trace_every=trace_every, stopper_factory=factory)
+            for fit in fitter.iter_run(items(), on_step):
+                _a, p = inflight.pop(fit.key)
+                yield p, from_fit(p, fit, str(dev))
+                while ready:
+                    yield ready.popleft()
+        except Exception as e:  # noqa: BLE001
+            lost = sorted(inflight.values(), key=lambda ap: ap[0])
+            inflight.clear()
+            if is_oom(e) and n > 1:
+                dq.extendleft(reversed(lost))  # back to the front of the queue, in their order
+                n_of[key] = max(1, n // 2)
+                log.warning("out of memory with %d slots on %s; retrying with %d", n, canvas, n_of[key])
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                return
+            if not lost:  # the batch itself could not run: its bucket's waiting problems get the error
+                lost = list(dq)
+                dq.clear()
+            for _a, p in lost:
+                yield p, e
+
+    while True:
+        poll()
+        while ready:
+            yield ready.popleft()
+        live = [k for k, q in pending.items() if q]
+        if not live:
+            if ended:
+                return
+            poll(wait=True)
+            continue
+        yield from run_bucket(min(live, key=lambda k: pending[k][0][0]))  # the oldest waiting problem's bucket
 
 
 def restore(image, task: str = "denoise", *, mask=None, reference=None, preset: str | None = None,

@@ -139,6 +139,7 @@ class BatchedFitter:
         self.started = [0.0] * B
         self.stoppers: list[object | None] = [None] * B
         self.traces: list[list] = [[] for _ in range(B)]
+        self.shared = [0] * B  # sum over a slot's steps of the live slots in the batch (its occupancy)
         self.ref = None
         self.ref_mask = None
         self.jump = 10.0 ** (cfg.divergence_db / 10.0)
@@ -194,6 +195,7 @@ class BatchedFitter:
         self.gens[s] = g
         self.items[s] = item
         self.steps_done[s] = 0
+        self.shared[s] = 0
         self.budget[s] = int(item.steps or cfg.steps)
         self._ensure_hist(self.budget[s] + distill_steps(cfg, self.budget[s]))
         self.phase[s] = 0
@@ -318,6 +320,10 @@ class BatchedFitter:
         st = self.stoppers[s]
         if st is not None and hasattr(st, "summary"):
             res.extra["stopping"] = st.summary()
+        # the batch while this image was fitted: its slots, and the mean share of them that were working
+        # (a drained batch still computes its empty slots)
+        res.extra["batch"] = {"slots": self.B,
+                              "occupancy": round(self.shared[s] / max(1, self.steps_done[s] * self.B), 4)}
         if distilled:
             err = float(((images[s] - self.dtarget[s]) ** 2).mean().item())
             res.extra["distill"] = {"steps": self.steps_done[s] - n,
@@ -329,29 +335,44 @@ class BatchedFitter:
     def run(self, items: Iterable[FitItem], progress: Callable[[int], None] | None = None) -> list[FitResult]:
         return list(self.iter_run(items, progress))
 
-    def iter_run(self, items: Iterable[FitItem], progress: Callable[[int], None] | None = None):
-        """Fit every item, yielding each result as it finishes; finished slots are refilled at once."""
+    def iter_run(self, items: Iterable[FitItem | None], progress: Callable[[int], None] | None = None):
+        """Fit every item, yielding each result as it finishes; finished slots are refilled at once.
+
+        ``items`` may yield None for "nothing now, maybe later" (pipeline.api.fit_problems on a live feed):
+        the free slot stays empty and is offered again at every check (every ``check_every`` steps) and
+        whenever a slot frees. The run ends when the iterator ends and every slot is done, or when every
+        slot is free and the iterator has nothing now."""
         queue = iter(items)
         exhausted = False
+        _end = object()
 
         def refill():
             nonlocal exhausted
             for s in range(self.B):
                 if self.items[s] is None and not exhausted:
-                    nxt = next(queue, None)
-                    if nxt is None:
+                    nxt = next(queue, _end)
+                    if nxt is _end:
                         exhausted = True
+                        return
+                    if nxt is None:  # nothing now
                         return
                     self.load(s, nxt)
 
         refill()
+        n_steps = 0
         while any(it is not None for it in self.items):
+            if not exhausted and n_steps and n_steps % self.check_every == 0 \
+                    and any(it is None for it in self.items):
+                refill()  # a slot left empty for want of work: has some arrived?
+            n_steps += 1
             self.step()
+            n_live = sum(1 for it in self.items if it is not None)
             for s in range(self.B):
                 if self.items[s] is not None:
                     self.steps_done[s] += 1
+                    self.shared[s] += n_live
             if progress:
-                progress(sum(1 for it in self.items if it is not None))
+                progress(n_live)
             done: list[tuple[int, str]] = []
             fitting = [s for s in range(self.B) if self.items[s] is not None and not self.distilling[s]]
             check = self.stopper_factory is not None and any(

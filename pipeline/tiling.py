@@ -484,7 +484,7 @@ class TileError(RuntimeError):
     pass
 
 
-def fit_tiled(problems: Iterable[Problem], device="auto", slots: int | None = None, tile: int | None = None,
+def fit_tiled(problems, device="auto", slots: int | None = None, tile: int | None = None,
               overlap: int | None = None, max_memory: int | None = None, auto: bool = True,
               canvas_policy: str = "bucket", use_kernels: bool | None = None, keep_weights: bool = False,
               stopper_factory=None, on_step: Callable[[int], None] | None = None,
@@ -494,29 +494,45 @@ def fit_tiled(problems: Iterable[Problem], device="auto", slots: int | None = No
     ``tile``: tile side in input pixels (images with a longer side are tiled). ``max_memory``: a byte
     budget for the fits on the device: images whose whole fit is estimated above it are tiled, and every
     bucket's slot count is ``min(slots, budget // per-fit estimate)``. With neither, ``auto`` tiles only
-    images whose whole fit is above the automatic budget (CUDA: 80% of the free memory). Non-tiled
-    problems pass straight through :func:`pipeline.api.fit_problems`; all tiles of all tiled images go
-    through it together (bucketed by canvas), so one big image fills the batch by itself, and each
-    image is merged and yielded as soon as its last tile ends. A failed tile fails its image (the
-    exception names the tile); the image's other tiles are not merged.
+    images whose whole fit is above the automatic budget (CUDA: 80% of the free memory). Whole images and
+    the tiles of tiled images all go through one :func:`pipeline.api.fit_problems` (bucketed by canvas),
+    so one big image fills the batch by itself, and each image is merged and yielded as soon as its last
+    tile ends. A failed tile fails its image (the exception names the tile); the image's other tiles are
+    not merged. ``problems`` may be a :class:`pipeline.api.Feed` (more problems later), as for fit_problems.
 
     Out of memory: fit_problems first halves the batch; an image that still runs out of memory with one
     slot (the memory model underestimated it) is fitted again as tiles of half its longer side, then of
     half that, down to 32 output pixels, and its JSON says so (``oom_fallback``). The job never dies of it.
     """
-    from pipeline.api import fit_problems
+    import gc
+    from collections import deque
+    from pipeline.api import Feed, Ready, _IterFeed, fit_problems
     from pipeline.engine import is_oom, pick_device
     dev = pick_device(device) if isinstance(device, str) else device
     budget = int(max_memory) if max_memory else None  # None: fit_problems sizes the batch itself
-    units: list[Problem] = []  # whole problems and tile problems, in order
+    source = problems if isinstance(problems, Feed) else _IterFeed(problems)
     owner: dict[int, dict] = {}  # id(tile problem) -> its image's state
-    for p in problems:
+    direct: set[int] = set()  # id() of problems whose result passes straight through (a Ready)
+    extra: deque = deque()  # units (whole problems, tiles, Ready) waiting to go into the engine
+    outstanding = 0  # units handed to the engine whose result has not come back (they may need a retry)
+
+    def finish(st: dict) -> TiledResult:
+        t0 = st["t0"]
+        r = st["merger"].finish(0.0 if t0 is None else time.perf_counter() - t0, str(dev))
+        st["merger"] = None
+        if st["oom"] and "oom_fallback" not in r.extra:
+            r.extra["oom_fallback"] = {"tile": st["oom"], "why": "the whole image (or larger tiles) ran out of memory"}
+        return r
+
+    def expand(p: Problem, forced: int | None = None) -> list:
+        """The units of one image: itself, or its tiles (a Ready when it fails or is all copied)."""
         try:
-            tiled = needs_tiling(p, tile, budget, dev) if (tile or budget or auto) else False
-            if not tiled:
-                units.append(p)
-                continue
-            t = tile or choose_tile(p, budget, dev)
+            if forced is None:
+                if not (needs_tiling(p, tile, budget, dev) if (tile or budget or auto) else False):
+                    return [p]
+                t = tile or choose_tile(p, budget, dev)
+            else:
+                t = forced
             if budget:
                 per = estimate_fit_bytes(p.cfg, _canvas(p.cfg, min(t, p.image.shape[0]), min(t, p.image.shape[1])),
                                          p.image.channels, dev)
@@ -525,82 +541,97 @@ def fit_tiled(problems: Iterable[Problem], device="auto", slots: int | None = No
                                       f"budget of {budget / 2**30:.2f} GiB: use a smaller --tile")
             tps, lay = split(p, t, overlap)
         except Exception as e:  # noqa: BLE001
-            yield p, e
-            continue
-        st = {"problem": p, "merger": Merger(lay), "t0": None, "failed": False}
+            direct.add(id(p))
+            return [Ready(p, e)]
+        st = {"problem": p, "merger": Merger(lay), "t0": None, "failed": False, "oom": forced}
         log.info("%s: %d tiles of %d px (overlap %d), %d copied", p.source or p.name, len(lay.tiles), t,
                  lay.overlap, len(lay.copied))
         if not tps:
-            yield p, st["merger"].finish(0.0, str(dev))
-            continue
+            direct.add(id(p))
+            return [Ready(p, finish(st))]
         for q in tps:
             owner[id(q)] = st
-            units.append(q)
-    buckets: dict = {}
-    retry: list[tuple[Problem, int]] = []  # (image, tile side in output pixels) after out of memory
-    for q in units:
-        key = (q.cfg.replace(seed=0, steps=1), q.image.channels, q.canvas)
-        buckets.setdefault(key, []).append(q)
-    for (cfg0, C, canvas), bl in buckets.items():
-        n = slots_for(bl[0].cfg, canvas, C, dev, budget, slots, len(bl))
-        t0 = time.perf_counter()
-        for st in {id(owner[id(q)]): owner[id(q)] for q in bl if id(q) in owner}.values():
-            st["t0"] = st["t0"] or t0
-        for q, r in fit_problems(bl, device=dev, slots=n, canvas_policy=canvas_policy, use_kernels=use_kernels,
-                                 keep_weights=keep_weights, stopper_factory=stopper_factory, on_step=on_step):
-            st = owner.get(id(q))
-            if st is None:
-                if isinstance(r, Exception) and is_oom(r):
-                    _drop_tracebacks(r)
-                    retry.append((q, max(q.out_shape) // 2))
-                    continue
-                yield q, r
-                continue
-            if st["failed"]:
-                continue
-            if isinstance(r, Exception) and is_oom(r) and len(st["merger"].layout.tiles) > 1:
-                st["failed"] = True  # its tiles are too big: the whole image again, with smaller ones
+        return tps
+
+    def retry(p: Problem, t_out: int) -> list:
+        """After out of memory: ``p`` again as tiles of about ``t_out`` output pixels."""
+        f = p.factor
+        m = max(p.cfg.net.multiple, f)
+        t_in = max(8, (t_out // m) * m // f)
+        if t_out < 32:
+            direct.add(id(p))
+            return [Ready(p, MemoryError(f"{p.source or p.name}: out of memory even with tiles of "
+                                         f"{2 * t_out} output pixels"))]
+        log.warning("%s: out of memory; fitting it again as tiles of %d px", p.source or p.name, t_in)
+        gc.collect()  # the failed fit's tensors
+        if getattr(dev, "type", None) == "cuda":
+            import torch
+            torch.cuda.empty_cache()
+        return expand(p, forced=t_in)
+
+    class Units(Feed):
+        """The engine's feed: the source's problems expanded into units, and the retries."""
+        source_ended = False
+        live = source.live
+
+        def get(self, wait: bool):
+            nonlocal outstanding
+            while True:
+                if extra:
+                    x = extra.popleft()
+                    if not isinstance(x, Ready):
+                        outstanding += 1
+                    return x
+                if self.source_ended:
+                    if outstanding and wait:  # cannot happen: fit_problems only waits with nothing in flight
+                        raise RuntimeError("fit_tiled: waiting for work with units still in flight")
+                    return None if outstanding else Feed.END
+                x = source.get(wait)
+                if x is Feed.END:
+                    self.source_ended = True
+                elif x is None:
+                    return None
+                elif isinstance(x, Ready):
+                    direct.add(id(x.problem))
+                    return x
+                else:
+                    extra.extend(expand(x))
+
+    slot_fn = (lambda cfg, canvas, C, d, n: slots_for(cfg, canvas, C, dev, budget, slots, n)) if budget else slots
+    for q, r in fit_problems(Units(), device=dev, slots=slot_fn, canvas_policy=canvas_policy,
+                             use_kernels=use_kernels, keep_weights=keep_weights, stopper_factory=stopper_factory,
+                             on_step=on_step):
+        if id(q) in direct:
+            direct.discard(id(q))
+            yield q, r
+            continue
+        outstanding -= 1
+        st = owner.pop(id(q), None)
+        if st is None:  # a whole image
+            if isinstance(r, Exception) and is_oom(r):
                 _drop_tracebacks(r)
-                retry.append((st["problem"], st["merger"].layout.tile * st["problem"].factor // 2))
+                extra.extend(retry(q, max(q.out_shape) // 2))
                 continue
-            if isinstance(r, Exception):
-                st["failed"] = True
-                err = TileError(f"tile {q.meta.get('tile')} of {len(st['merger'].layout.tiles)} failed: {r}")
-                err.__cause__ = r
-                yield st["problem"], err
-                continue
-            m = st["merger"]
-            m.add(r)
-            if m.done:
-                yield st["problem"], m.finish(time.perf_counter() - st["t0"], str(dev))
-                st["merger"] = None
-    kw = dict(device=dev, overlap=overlap, max_memory=max_memory, canvas_policy=canvas_policy,
-              use_kernels=use_kernels, keep_weights=keep_weights, stopper_factory=stopper_factory, on_step=on_step)
-    for p, t_out in retry:
-        yield p, _fit_smaller_tiles(p, t_out, **kw)
-
-
-def _fit_smaller_tiles(p: Problem, t_out: int, **kw) -> Result | Exception:
-    """Fit ``p`` as tiles of about ``t_out`` output pixels (after it ran out of memory). A tile that runs
-    out of memory again sends the image back here with half the tile (fit_tiled's own retry)."""
-    import gc
-    f = p.factor
-    m = max(p.cfg.net.multiple, f)
-    t_in = max(8, (t_out // m) * m // f)
-    if t_out < 32:
-        return MemoryError(f"{p.source or p.name}: out of memory even with tiles of {2 * t_out} output pixels")
-    log.warning("%s: out of memory; fitting it again as tiles of %d px", p.source or p.name, t_in)
-    gc.collect()  # the failed fit's tensors
-    dev = kw.get("device")
-    if getattr(dev, "type", None) == "cuda":
-        import torch
-        torch.cuda.empty_cache()
-    r: Result | Exception = RuntimeError("no result")
-    for _q, r in fit_tiled([p], tile=t_in, auto=False, **kw):
-        pass
-    if isinstance(r, Result) and "oom_fallback" not in r.extra:
-        r.extra["oom_fallback"] = {"tile": t_in, "why": "the whole image (or larger tiles) ran out of memory"}
-    return r
+            yield q, r
+            continue
+        if st["failed"]:
+            continue
+        if isinstance(r, Exception) and is_oom(r) and len(st["merger"].layout.tiles) > 1:
+            st["failed"] = True  # its tiles are too big: the whole image again, with smaller ones
+            _drop_tracebacks(r)
+            extra.extend(retry(st["problem"], st["merger"].layout.tile * st["problem"].factor // 2))
+            continue
+        if isinstance(r, Exception):
+            st["failed"] = True
+            err = TileError(f"tile {q.meta.get('tile')} of {len(st['merger'].layout.tiles)} failed: {r}")
+            err.__cause__ = r
+            yield st["problem"], err
+            continue
+        now = time.perf_counter()  # the image's time: from its first tile's start to its last tile's end
+        st["t0"] = min(st["t0"] if st["t0"] is not None else now, now - r.seconds)
+        st["merger"].add(r)
+        if st["merger"].done:
+            yield st["problem"], finish(st)
 
 
 def _drop_tracebacks(e: BaseException | None) -> None:

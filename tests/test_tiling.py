@@ -233,9 +233,11 @@ def test_fit_tiled_respects_an_explicit_budget(monkeypatch):
     real = api.fit_problems
 
     def spy(problems, device="auto", slots=None, **kw):
-        problems = list(problems)
-        seen.append((len(problems), slots))
-        return real(problems, device=device, slots=slots, **kw)
+        def record(cfg, canvas, C, dev, n_waiting):  # the batch size fit_problems gets for a bucket
+            k = slots(cfg, canvas, C, dev, n_waiting)
+            seen.append((n_waiting, k))
+            return k
+        return real(problems, device=device, slots=record if callable(slots) else slots, **kw)
 
     monkeypatch.setattr(api, "fit_problems", spy)
     monkeypatch.setattr(tiling, "FIXED_BYTES", 0)  # so that a tiny image can be above a budget of 2 tiles
