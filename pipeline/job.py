@@ -20,9 +20,11 @@ The actor protocol: a Ray streaming generator
 ---------------------------------------------
 ``FitWorker.fit(batch)`` is called with ``num_returns="streaming"``. It first yields a ``started`` event
 (ids, pid, node), then one ``done`` or ``error`` event per image *as each image finishes*
-(fit_problems yields results in finishing order). The driver keeps two calls in flight per actor (one
-running, one queued in the actor's mailbox), so when a batch ends the next one is already there and the
-batch stays full; inside a call, fit_problems' continuous batching refills a finished slot at once.
+(fit_problems yields results in finishing order). The driver keeps two calls in flight per actor. The
+actor runs both at once (``max_concurrency`` 4: two calls and the driver's pings) and both feed the one
+engine thread of the actor (:class:`FitWorker`): the second call's images take the slots the first
+call's images free, so the batch stays full from one call to the next and never drains at a call's end
+(it used to: a call's last slots idled until its slowest image ended).
 Streaming lets the driver record every image the moment it is done (one call per image would lose the
 batching; one call per batch returning a list would hold finished images hostage to the slowest one;
 a submit()/poll() pair would need a thread and a poll interval in the actor). The driver waits on all
@@ -73,6 +75,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.api import Feed
 from pipeline.io import read_json
 from pipeline.manifest import (MANIFEST_NAME, JobManifest, UsageError, WorkItem, canonical_json, discover, now_iso,
                                sha256_text)
@@ -104,12 +107,44 @@ def config_for(args, device_type: str, row: dict | None = None):
 
 
 # ---- the actor ---------------------------------------------------------------------------------------
+class _Inbox(Feed):
+    """The actor's feed: the problems of every call, in arrival order. It never ends;
+    ``get(wait=False)`` returns None when it is empty, ``get(wait=True)`` blocks until a call adds some."""
+
+    live = True
+
+    def __init__(self):
+        import threading
+        self.cv = threading.Condition()
+        self.queue: collections.deque = collections.deque()
+
+    def put(self, problems: list) -> None:
+        with self.cv:
+            self.queue.extend(problems)
+            self.cv.notify_all()
+
+    def get(self, wait: bool):
+        with self.cv:
+            while not self.queue:
+                if not wait:
+                    return None
+                self.cv.wait()
+            return self.queue.popleft()
+
+
 class FitWorker:
-    """One long-lived fitting process (one GPU, or a share of a node's cores). See the module docstring."""
+    """One long-lived fitting process (one GPU, or a share of a node's cores). See the module docstring.
+
+    It runs one engine thread: :func:`pipeline.tiling.fit_tiled` on an inbox that every ``fit`` call adds
+    its problems to, so the batch goes on from one call's images to the next without draining (Ray runs
+    the calls in threads: ``max_concurrency`` > 1). Each call waits for its own images' results, encodes
+    them (while the engine goes on) and streams them back. If the engine thread dies, every waiting call
+    fails (the driver retries its images) and the next call starts a new engine."""
 
     def __init__(self, device: str, slots: int | None, use_kernels, keep_weights: bool, onnx_dtype: str,
                  threads: int | None = None, tile: int | None = None, tile_overlap: int | None = None,
                  max_memory: int | None = None):
+        import threading
         import torch
         if threads:
             torch.set_num_threads(max(1, int(threads)))
@@ -119,6 +154,10 @@ class FitWorker:
         self.use_kernels = use_kernels
         self.keep_weights = keep_weights
         self.onnx_dtype = onnx_dtype
+        self._lock = threading.Lock()
+        self._engine = None  # the engine thread
+        self._inbox: _Inbox | None = None
+        self._owners: dict[int, tuple] = {}  # id(problem) -> (the call's result queue, image id)
 
     def info(self) -> dict:
         import ray
@@ -126,19 +165,53 @@ class FitWorker:
         return {"pid": os.getpid(), "node": ctx.get_node_id(), "host": socket.gethostname(), "device": self.device,
                 "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
-    def fit(self, batch: list):
-        """batch: [(id, Problem)]. Yields a 'started' event, then one 'done'/'error' event per image."""
+    def _start_engine(self) -> None:
+        """(Under the lock.) A new inbox and engine thread, unless one is running."""
+        import threading
+        if self._engine is not None and self._engine.is_alive():
+            return
+        self._inbox = _Inbox()
+        self._engine = threading.Thread(target=self._run_engine, args=(self._inbox,), name="dip-engine",
+                                        daemon=True)
+        self._engine.start()
+
+    def _run_engine(self, inbox: _Inbox) -> None:
         from pipeline.engine import pick_device
         from pipeline.tiling import fit_tiled
+        try:
+            dev = pick_device(self.device)
+            # the batched engine; images too large for one fit (or above --tile / --max-memory) go as tiles
+            for p, res in fit_tiled(inbox, device=dev, slots=self.slots, tile=self.tile,
+                                    overlap=self.tile_overlap, max_memory=self.max_memory,
+                                    keep_weights=self.keep_weights, use_kernels=self.use_kernels):
+                with self._lock:
+                    owner = self._owners.pop(id(p), None)
+                if owner is not None:
+                    owner[0].put((owner[1], res))
+        except BaseException as e:  # noqa: BLE001 - every waiting call must hear of it
+            log.exception("the fitting engine stopped")
+            with self._lock:
+                if self._inbox is inbox:
+                    self._engine, self._inbox = None, None
+                owners, self._owners = self._owners, {}
+            for q, _key in owners.values():
+                q.put((None, e))
+
+    def fit(self, batch: list):
+        """batch: [(id, Problem)]. Yields a 'started' event, then one 'done'/'error' event per image."""
+        import queue
         info = self.info()
         yield {"kind": "started", "ids": [k for k, _ in batch], "time": now_iso(), "worker": info}
-        ids = {id(p): k for k, p in batch}
-        dev = pick_device(self.device)
-        # the batched engine; images too large for one fit (or above --tile / --max-memory) go as tiles
-        for p, res in fit_tiled([p for _, p in batch], device=dev, slots=self.slots, tile=self.tile,
-                                overlap=self.tile_overlap, max_memory=self.max_memory,
-                                keep_weights=self.keep_weights, use_kernels=self.use_kernels):
-            key = ids[id(p)]
+        results: queue.Queue = queue.Queue()
+        with self._lock:
+            self._start_engine()
+            for k, p in batch:
+                self._owners[id(p)] = (results, k)
+            self._inbox.put([p for _, p in batch])
+        for _ in range(len(batch)):
+            key, res = results.get()
+            if key is None:
+                raise RuntimeError(f"the fitting engine stopped: {_one_line(res)}") from res
             if isinstance(res, Exception):
                 yield {"kind": "error", "id": key, "error": _one_line(res), "time": now_iso()}
                 continue
@@ -261,7 +334,7 @@ def _start_actor(spec: dict, device: str, args):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     opts = {"num_cpus": spec["num_cpus"], "num_gpus": spec["num_gpus"], "max_restarts": 4,
-            "max_task_retries": 0, "max_concurrency": 1}
+            "max_task_retries": 0, "max_concurrency": 4}  # two fit calls in flight, and info() pings
     if spec.get("node"):
         opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(spec["node"], soft=True)
     cls = ray.remote(FitWorker)
@@ -337,6 +410,7 @@ class _Driver:
         self.actors: list[ActorSlot] = []
         self.counts = collections.Counter()
         self.fitted = 0
+        self.occupancy = [0.0, 0.0]  # the fitted images' batch occupancy, weighted by their steps: sum, weight
         self.t0 = time.time()
         self.bar = None
         self.device = "cpu"
@@ -593,6 +667,11 @@ class _Driver:
         self._set(key, status="done", error=None, finished=finished, seconds=seconds,
                   outputs=_outputs(key, has_onnx), onnx_error=ev.get("onnx_error"))
         self.fitted += 1
+        b = ev["record"].get("batch")
+        if isinstance(b, dict) and isinstance(b.get("occupancy"), (int, float)):
+            w = float(ev["record"].get("steps") or 1)
+            self.occupancy[0] += b["occupancy"] * w
+            self.occupancy[1] += w
         self.jobs.pop(key, None)
         msg = None
         if not self.args.quiet:
@@ -683,6 +762,7 @@ class _Driver:
             counts.update(fitted=self.fitted, pending=len(self.items) - sum(self.counts.values()))
             if run is not None:
                 run.update(finished=now_iso(), status=status, counts=counts,
+                           batch_occupancy=self.batch_occupancy(),
                            seconds=round(time.time() - self.t0, 3),
                            seconds_after_startup=round(time.time() - self.t_ready, 3))
             try:
@@ -752,12 +832,18 @@ class _Driver:
                     raise _OutOfSpace(f"{self.manifest.path}: cannot write the manifest: {_one_line(e)}") from None
                 raise
 
+    def batch_occupancy(self) -> float | None:
+        """The mean share of the batch's slots that were fitting while this run's images were fitted."""
+        return round(self.occupancy[0] / self.occupancy[1], 3) if self.occupancy[1] else None
+
     def _summary(self) -> int:
         bad = [(k, r) for k, r in self.manifest.images.items()
                if r.get("run") == self.manifest.run_no and r.get("status") in ("failed", "skipped")]
         el = time.time() - self.t0
-        log.info("%d done (%d fitted now), %d failed, %d skipped in %.1f s; manifest: %s", self.counts["done"],
-                 self.fitted, self.counts["failed"], self.counts["skipped"], el, self.manifest.path)
+        occ = self.batch_occupancy()
+        log.info("%d done (%d fitted now), %d failed, %d skipped in %.1f s%s; manifest: %s", self.counts["done"],
+                 self.fitted, self.counts["failed"], self.counts["skipped"], el,
+                 f", batch occupancy {occ:.0%}" if occ is not None else "", self.manifest.path)
         if bad:
             print(f"dip: {len(bad)} image(s) not done:", file=sys.stderr)
             for _k, r in bad:
@@ -852,7 +938,8 @@ def bench_main(argv: list[str] | None = None) -> int:
                "ray_s_incl_startup": round(via_ray, 2), "ray_s_after_startup": round(after, 2),
                "ray_img_per_h": round(a.bench / after * 3600, 1),
                "ray_img_per_h_incl_startup": round(a.bench / via_ray * 3600, 1),
-               "ray_rc": rc, "ratio_after_startup": round(direct / after, 3)}
+               "ray_rc": rc, "ratio_after_startup": round(direct / after, 3),
+               "ray_batch_occupancy": runs[-1].get("batch_occupancy")}
         print(json.dumps(res, indent=1))
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=1))

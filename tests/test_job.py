@@ -137,6 +137,8 @@ def test_bad_inputs_are_reported_and_the_rest_finishes(tmp_path, ray_session, ca
     check_outputs(out, ["good1", "sub/good2", "rows/ok"])
     assert json.loads((out / "rows/ok.json").read_text())["steps"] == 4
     assert manifest(out)["runs"][-1]["counts"]["failed"] == 6
+    occ = manifest(out)["runs"][-1]["batch_occupancy"]  # one slot per CPU actor: always full
+    assert occ == 1.0 and json.loads((out / "good1.json").read_text())["batch"] == {"slots": 1, "occupancy": 1.0}
 
 
 # ---- different options don't overwrite each other unless --overwrite --------------------------------
@@ -318,3 +320,77 @@ def test_full_output_disk_stops_the_job_and_the_same_command_finishes_it(tmp_pat
         assert m["images"]["i0"]["run"] == 1 and all(m["images"][k]["status"] == "done" for k in ("i0", "i1", "i2"))
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_an_actors_next_call_joins_the_running_batch(ray_session):
+    """The actor's two calls in flight share one engine: an image of the second call takes the slot an
+    image of the first frees, instead of waiting for the first call's slowest image (the batch used to
+    drain at the end of every call)."""
+    import types
+
+    import numpy as np
+
+    from pipeline.api import make_problem
+    from pipeline.job import _start_actor
+    ray = ray_session
+    args = types.SimpleNamespace(slots=2, reference_kernels=False, export_onnx=False, onnx_dtype="fp32",
+                                 tile=None, tile_overlap=None, max_memory=None)
+    actor = _start_actor({"num_cpus": 1, "num_gpus": 0, "node": None}, "cpu", args)
+    tiny = {"input_depth": 4, "channels_down": (4, 8), "channels_up": (4, 8), "channels_skip": (2, 2)}
+    rng = np.random.default_rng(0)
+
+    def prob(name, steps):
+        return name, make_problem(rng.random((32, 32, 3)).astype(np.float32), preset="fast", steps=steps,
+                                  name=name, net=tiny)
+
+    try:
+        g1 = actor.fit.options(num_returns="streaming").remote([prob("a", 30), prob("b", 900)])
+        g2 = actor.fit.options(num_returns="streaming").remote([prob("c", 30)])
+        done: list[str] = []
+        lock = threading.Lock()
+
+        def drain(gen):
+            for ref in gen:
+                ev = ray.get(ref)
+                if ev["kind"] in ("done", "error"):
+                    assert ev["kind"] == "done", ev
+                    with lock:
+                        done.append(ev["id"])
+
+        threads = [threading.Thread(target=drain, args=(g,)) for g in (g1, g2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        assert sorted(done) == ["a", "b", "c"]
+        assert done.index("c") < done.index("b")  # c ran beside b, in a's slot
+    finally:
+        ray.kill(actor)
+
+
+def test_a_dead_engine_fails_its_waiting_calls_and_the_next_call_starts_a_new_one(ray_session, monkeypatch):
+    """In the actor's process (here: this one): the engine thread dies of something that is no image's
+    fault; every call waiting on it raises (the driver retries their images), and the next call works."""
+    import numpy as np
+
+    from pipeline import tiling
+    from pipeline.api import make_problem
+    from pipeline.job import FitWorker
+    real = tiling.fit_tiled
+
+    def broken(problems, **kw):
+        problems.get(True)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(tiling, "fit_tiled", broken)
+    w = FitWorker("cpu", 1, None, keep_weights=False, onnx_dtype="fp32")
+    img = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
+    batch = [("x", make_problem(img, preset="fast", steps=3, name="x"))]
+    events = w.fit(batch)
+    assert next(events)["kind"] == "started"
+    with pytest.raises(RuntimeError, match="the fitting engine stopped: CUDA error"):
+        next(events)
+    monkeypatch.setattr(tiling, "fit_tiled", real)
+    evs = list(w.fit([("y", make_problem(img, preset="fast", steps=3, name="y"))]))
+    assert [e["kind"] for e in evs] == ["started", "done"] and evs[1]["id"] == "y"
