@@ -237,7 +237,8 @@ def summarize(data: dict) -> dict:
             "mean": statistics.fmean(secs) if secs else None, "median": statistics.median(secs) if secs else None,
             "fit_sum": sum(secs) if secs else None, "rate": rate, "devices": devices, "hosts": hosts,
             "run_devices": sorted({str(r.get("device")) for r in runs if r.get("device")}),
-            "actors": last.get("actors"), "last_status": last.get("status"), "last_finished": last.get("finished")}
+            "actors": last.get("actors"), "last_status": last.get("status"), "last_finished": last.get("finished"),
+            "occupancy": _num(last.get("batch_occupancy"))}
 
 
 # ---- images ----------------------------------------------------------------------------------------------
@@ -505,6 +506,8 @@ def _summary_html(s: dict, data: dict) -> str:
     cards.append(("Device(s)", dev))
     if s["actors"]:
         cards.append(("Workers (last run)", s["actors"]))
+    if s["occupancy"] is not None:
+        cards.append(("Batch occupancy (last run)", f"{s['occupancy']:.0%}"))
     if s["hosts"]:
         cards.append(("Host(s)", ", ".join(s["hosts"][:6]) + (" …" if len(s["hosts"]) > 6 else "")))
     parts = ['<dl class="cards">']
@@ -519,7 +522,9 @@ def _summary_html(s: dict, data: dict) -> str:
                      "from the result files alone, so failed images are not listed.</p>")
     if s["rate"] is not None:
         parts.append('<p class="meta">Images / hour: images fitted per hour of the runs\' wall time (Ray start-up '
-                     "included). Fit time: each image's own fit, which runs batched with others.</p>")
+                     "included). Fit time: each image's own fit, which runs batched with others. Batch occupancy: "
+                     "the mean share of a batch's slots that were fitting (an idle slot still costs its share of "
+                     "each step).</p>")
     return "\n".join(parts)
 
 

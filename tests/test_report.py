@@ -113,7 +113,7 @@ def test_report_from_files(tmp_path):
     (out / "dip-manifest.json").write_text(json.dumps(
         {"format": "dip-manifest/1", "updated": "2025-01-01T00:00:00+00:00", "images": images,
          "runs": [{"run": 1, "status": "finished", "device": "cuda", "actors": 1, "seconds": 36.0,
-                   "counts": {"done": 2, "failed": 1, "fitted": 2}}]}))
+                   "batch_occupancy": 0.934, "counts": {"done": 2, "failed": 1, "fitted": 2}}]}))
     path = report.build(out)
     text = path.read_text()
     assert text.count("<tr data-id=") == 4  # x, deep/bad, evil, and the orphan result
@@ -125,6 +125,7 @@ def test_report_from_files(tmp_path):
     assert 'data-col="steps" data-sort="650.0">650 / 3000<' in text
     assert "input: x.png" in text
     assert "Images / hour</dt><dd>200<" in text  # 2 fitted in 36 s
+    assert "Batch occupancy (last run)</dt><dd>93%<" in text
     assert text.count("data:image/png;base64,") >= 4  # input + 2 crops + the plot of x, ...
     assert 'alt="loss curve"' in text
 
