@@ -20,10 +20,12 @@ The actor protocol: a Ray streaming generator
 ---------------------------------------------
 ``FitWorker.fit(batch)`` is called with ``num_returns="streaming"``. It first yields a ``started`` event
 (ids, pid, node), then one ``done`` or ``error`` event per image *as each image finishes*
-(fit_problems yields results in finishing order). The driver keeps two calls in flight per actor. The
-actor runs both at once (``max_concurrency`` 4: two calls and the driver's pings) and both feed the one
-engine thread of the actor (:class:`FitWorker`): the second call's images take the slots the first
-call's images free, so the batch stays full from one call to the next and never drains at a call's end
+(fit_problems yields results in finishing order). The driver keeps up to two calls' worth of images in
+flight per actor, counted in images: a new call goes out as soon as the actor's unfinished images are down
+to one call's worth, not when a call has ended (a call ends only with its slowest image). The actor runs
+its calls at once (``max_concurrency``: up to three calls and the driver's pings) and they all feed the
+one engine thread of the actor (:class:`FitWorker`): a new call's images take the slots the earlier
+calls' images free, so the batch stays full from one call to the next and never drains at a call's end
 (it used to: a call's last slots idled until its slowest image ended).
 Streaming lets the driver record every image the moment it is done (one call per image would lose the
 batching; one call per batch returning a list would hold finished images hostage to the slowest one;
@@ -83,7 +85,17 @@ from pipeline.manifest import (MANIFEST_NAME, JobManifest, UsageError, WorkItem,
 log = logging.getLogger("dip.job")
 
 LOCK_NAME = ".dip-job.lock"
-CALLS_PER_ACTOR = 2
+CALLS_PER_ACTOR = 2  # images in flight per actor: up to this many calls' worth
+MAX_CALLS_PER_ACTOR = 3  # open calls per actor (each holds one of the actor's threads while it waits)
+
+
+def room_for_a_call(unfinished: list[int], call_size: int) -> bool:
+    """May an actor whose open calls have these counts of unfinished images take one more call?
+
+    Backpressure by images, not calls: a new call goes out once the actor's unfinished images are down to
+    ``CALLS_PER_ACTOR - 1`` calls' worth, so its batch is refilled while an older call still waits for its
+    slowest image (a call ends only when that one does), within ``MAX_CALLS_PER_ACTOR`` open calls."""
+    return len(unfinished) < MAX_CALLS_PER_ACTOR and sum(unfinished) <= (CALLS_PER_ACTOR - 1) * call_size
 
 
 def config_for(args, device_type: str, row: dict | None = None):
@@ -334,7 +346,7 @@ def _start_actor(spec: dict, device: str, args):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     opts = {"num_cpus": spec["num_cpus"], "num_gpus": spec["num_gpus"], "max_restarts": 4,
-            "max_task_retries": 0, "max_concurrency": 4}  # two fit calls in flight, and info() pings
+            "max_task_retries": 0, "max_concurrency": MAX_CALLS_PER_ACTOR + 1}  # its fit calls, and info() pings
     if spec.get("node"):
         opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(spec["node"], soft=True)
     cls = ray.remote(FitWorker)
@@ -548,8 +560,14 @@ class _Driver:
         log.info("%d %s worker(s): %s", len(self.actors), self.device,
                  ", ".join(f"pid {a.info['pid']} on {a.info['host']}" for a in self.actors))
 
+    def _call_size(self) -> int:
+        return self.args.slots or (4 if self.device == "cpu" else 32)
+
+    def _has_room(self, a: ActorSlot) -> bool:
+        return a.healthy and room_for_a_call([len(c.ids) for c in a.calls], self._call_size())
+
     def _submit(self, a: ActorSlot) -> bool:
-        n = self.args.slots or (4 if self.device == "cpu" else 32)
+        n = self._call_size()
         left = len(self.feed) + len(self.retry)  # an upper bound: some of the feed may need no fitting
         n = max(1, min(n, -(-left // max(1, len(self.actors)))))  # share a short queue among the actors
         batch = self._take(n)
@@ -792,9 +810,9 @@ class _Driver:
         import ray
         while True:
             self._check_actors()
-            for depth in range(CALLS_PER_ACTOR):  # round-robin: every actor gets a call before any gets two
+            for _round in range(MAX_CALLS_PER_ACTOR):  # round-robin: each actor gets a call before any gets two
                 for a in self.actors:
-                    if a.healthy and len(a.calls) <= depth:
+                    if self._has_room(a):
                         self._submit(a)
             calls = [c for a in self.actors for c in a.calls]
             pings = [a for a in self.actors if a.ping is not None]

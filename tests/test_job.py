@@ -394,3 +394,13 @@ def test_a_dead_engine_fails_its_waiting_calls_and_the_next_call_starts_a_new_on
     monkeypatch.setattr(tiling, "fit_tiled", real)
     evs = list(w.fit([("y", make_problem(img, preset="fast", steps=3, name="y"))]))
     assert [e["kind"] for e in evs] == ["started", "done"] and evs[1]["id"] == "y"
+
+
+def test_an_actor_gets_a_new_call_once_a_calls_worth_of_its_images_is_done():
+    """Backpressure counts images: two calls of 32 whose slowest images are still running (1 + 1 left)
+    must not keep the actor waiting for a third call until one of them ends."""
+    from pipeline.job import room_for_a_call
+    assert room_for_a_call([], 32) and room_for_a_call([32], 32)  # the first two calls go out at once
+    assert not room_for_a_call([32, 32], 32) and not room_for_a_call([20, 13], 32)
+    assert room_for_a_call([1, 31], 32) and room_for_a_call([1, 1], 32)  # stragglers: refill the batch
+    assert not room_for_a_call([1, 1, 1], 32)  # at most three open calls (each holds an actor thread)
