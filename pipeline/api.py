@@ -300,7 +300,8 @@ def _drain(feed: Feed) -> list:
 def fit_problems(problems: Iterable[Problem] | Feed, device="auto", slots=None,
                  canvas_policy: str = "bucket", use_kernels: bool | None = None,
                  keep_weights: bool = False, trace_every: int = 0, stopper_factory=None,
-                 on_step: Callable[[int], None] | None = None) -> Iterator[tuple[Problem, Result | Exception]]:
+                 on_step: Callable[[int], None] | None = None, elastic: bool = True,
+                 ) -> Iterator[tuple[Problem, Result | Exception]]:
     """Fit many problems with the batched engine; yields (problem, Result or the exception) as each ends.
 
     Problems are bucketed by (config, channels, canvas); with ``canvas_policy="common"`` every problem of
@@ -313,6 +314,10 @@ def fit_problems(problems: Iterable[Problem] | Feed, device="auto", slots=None,
     bucket goes next. A bucket that keeps being refilled while another bucket's problem waits hands over
     after ``4 x slots`` more loads. (A plain iterable is read whole first: buckets go in order of their first
     problem, each to its end.) ``canvas_policy="common"`` reads a feed to its end first.
+
+    ``elastic``: a bucket's batch shrinks when it drains (to what is still loaded, once that is half of it
+    or less) and grows when more problems wait than it has slots (up to its size), moving the fits' state
+    (:meth:`pipeline.engine.BatchedFitter.resize`); False keeps each batch's size fixed.
 
     ``slots``: the batch size, or None (from the free device memory: pipeline.engine.auto_slots), or a
     function ``(cfg, canvas, channels, device, n_waiting) -> int | None``. Out of memory with more than one slot:
@@ -407,10 +412,16 @@ def fit_problems(problems: Iterable[Problem] | Feed, device="auto", slots=None,
                 else:
                     yield None  # nothing now: the free slot waits, and the batch drains if nothing comes
 
+        def wanted(n_loaded: int) -> int:  # the batch size for what is loaded and what waits (resizes it)
+            if not dq:
+                poll()
+            return min(n_of[key], n_loaded + len(dq))
+
+        fitter = None
         try:
             fitter = BatchedFitter(cfg, canvas, C, n, dev, use_kernels=use_kernels, keep_weights=keep_weights,
                                    trace_every=trace_every, stopper_factory=factory)
-            for fit in fitter.iter_run(items(), on_step):
+            for fit in fitter.iter_run(items(), on_step, slots_wanted=wanted if elastic else None):
                 _a, p = inflight.pop(fit.key)
                 yield p, from_fit(p, fit, str(dev))
                 while ready:
@@ -418,10 +429,12 @@ def fit_problems(problems: Iterable[Problem] | Feed, device="auto", slots=None,
         except Exception as e:  # noqa: BLE001
             lost = sorted(inflight.values(), key=lambda ap: ap[0])
             inflight.clear()
-            if is_oom(e) and n > 1:
+            size = fitter.B if fitter is not None else n  # an elastic batch may have grown or shrunk
+            fitter = None
+            if is_oom(e) and size > 1:
                 dq.extendleft(reversed(lost))  # back to the front of the queue, in their order
-                n_of[key] = max(1, n // 2)
-                log.warning("out of memory with %d slots on %s; retrying with %d", n, canvas, n_of[key])
+                n_of[key] = max(1, size // 2)
+                log.warning("out of memory with %d slots on %s; retrying with %d", size, canvas, n_of[key])
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
                 return

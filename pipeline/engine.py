@@ -90,6 +90,9 @@ class BatchedFitter:
                  device: str | torch.device = "cpu", use_kernels: bool | None = None,
                  stopper_factory: Callable[[], object] | None = None, check_every: int = 50,
                  keep_weights: bool = False, trace_every: int = 0, conv: str = "auto"):
+        self._args = dict(cfg=cfg, canvas=canvas, channels=channels, device=device, use_kernels=use_kernels,
+                          stopper_factory=stopper_factory, check_every=check_every, keep_weights=keep_weights,
+                          trace_every=trace_every, conv=conv)  # for resize()
         self.cfg = cfg
         self.H, self.W = canvas
         m = cfg.net.multiple
@@ -139,7 +142,7 @@ class BatchedFitter:
         self.started = [0.0] * B
         self.stoppers: list[object | None] = [None] * B
         self.traces: list[list] = [[] for _ in range(B)]
-        self.shared = [0] * B  # sum over a slot's steps of the live slots in the batch (its occupancy)
+        self.shared = [0.0] * B  # sum over a slot's steps of the share of the batch that was fitting
         self.ref = None
         self.ref_mask = None
         self.jump = 10.0 ** (cfg.divergence_db / 10.0)
@@ -195,7 +198,7 @@ class BatchedFitter:
         self.gens[s] = g
         self.items[s] = item
         self.steps_done[s] = 0
-        self.shared[s] = 0
+        self.shared[s] = 0.0
         self.budget[s] = int(item.steps or cfg.steps)
         self._ensure_hist(self.budget[s] + distill_steps(cfg, self.budget[s]))
         self.phase[s] = 0
@@ -210,6 +213,47 @@ class BatchedFitter:
         self.lr[s] = 0
         self.phase[s] = 0
         self.distilling[s] = False
+
+    @torch.no_grad()
+    def resize(self, slots: int) -> None:
+        """Continue with ``slots`` slots: the loaded slots move, in their order, into a new batch with
+        everything a fit carries (weights, Adam moments, the last good weights, averages, z and the input
+        noise, target and masks, step counts, learning rates, random generators, loss history, stopper,
+        trace, distillation state). Nothing about a fit changes: on the CPU a resized run equals an
+        unresized one bit for bit (tested). Used to shrink a draining batch (an empty slot costs as much
+        as a full one) and to grow one that more problems are waiting for."""
+        live = [s for s in range(self.B) if self.items[s] is not None]
+        if slots < max(1, len(live)):
+            raise ValueError(f"cannot fit {len(live)} loaded slots into {slots}")
+        if slots == self.B:
+            return
+        new = BatchedFitter(slots=slots, **self._args)
+        D = self.cfg.net.input_depth
+        new._ensure_hist(self.cap)
+        flats = [(self.G.flat, new.G.flat), (self.m, new.m), (self.v, new.v), (self.good, new.good)]
+        if self.w_ema is not None:
+            flats.append((self.w_ema, new.w_ema))
+        rows = ["target", "mask", "out_ema", "dtarget", "phase", "t", "active", "lr", "last_good", "restores"]
+        if self.ref is not None:
+            new.ref = torch.zeros((slots,) + tuple(self.ref.shape[1:]), device=self.device)
+            new.ref_mask = torch.zeros((slots,) + tuple(self.ref_mask.shape[1:]), device=self.device)
+            rows += ["ref", "ref_mask"]
+        lists = ["gens", "items", "steps_done", "budget", "started", "stoppers", "traces", "distilling",
+                 "main_steps", "reasons", "shared"]
+        for j, s in enumerate(live):
+            for src, dst in flats:
+                new.G.set_slot(j, self.G.get_slot(s, src), dst)
+            for name in rows:
+                a = getattr(self, name)
+                if a is not None:
+                    getattr(new, name)[j] = a[s]
+            new.hist[j, :self.cap] = self.hist[s, :self.cap]
+            new.z[0, j * D:(j + 1) * D] = self.z[0, s * D:(s + 1) * D]
+            new.noise[0, j * D:(j + 1) * D] = self.noise[0, s * D:(s + 1) * D]
+            for name in lists:
+                getattr(new, name)[j] = getattr(self, name)[s]
+        log.debug("batch resized from %d to %d slots (%d loaded)", self.B, slots, len(live))
+        self.__dict__.update(new.__dict__)
 
     def begin_distill(self, s: int, reason: str, image: torch.Tensor) -> None:
         """Slot ``s``'s fit has ended with the result ``image`` (C, H, W): fit the generator to it."""
@@ -323,7 +367,7 @@ class BatchedFitter:
         # the batch while this image was fitted: its slots, and the mean share of them that were working
         # (a drained batch still computes its empty slots)
         res.extra["batch"] = {"slots": self.B,
-                              "occupancy": round(self.shared[s] / max(1, self.steps_done[s] * self.B), 4)}
+                              "occupancy": round(self.shared[s] / max(1, self.steps_done[s]), 4)}
         if distilled:
             err = float(((images[s] - self.dtarget[s]) ** 2).mean().item())
             res.extra["distill"] = {"steps": self.steps_done[s] - n,
@@ -335,16 +379,45 @@ class BatchedFitter:
     def run(self, items: Iterable[FitItem], progress: Callable[[int], None] | None = None) -> list[FitResult]:
         return list(self.iter_run(items, progress))
 
-    def iter_run(self, items: Iterable[FitItem | None], progress: Callable[[int], None] | None = None):
+    def iter_run(self, items: Iterable[FitItem | None], progress: Callable[[int], None] | None = None,
+                 slots_wanted: Callable[[int], int] | None = None):
         """Fit every item, yielding each result as it finishes; finished slots are refilled at once.
 
         ``items`` may yield None for "nothing now, maybe later" (pipeline.api.fit_problems on a live feed):
         the free slot stays empty and is offered again at every check (every ``check_every`` steps) and
         whenever a slot frees. The run ends when the iterator ends and every slot is done, or when every
-        slot is free and the iterator has nothing now."""
+        slot is free and the iterator has nothing now.
+
+        ``slots_wanted(n_loaded)``, asked whenever a slot frees and at every check, is the batch size the
+        caller wants now (its loaded fits plus what waits for a slot, within its limit): the batch is
+        resized (:meth:`resize`) when that is at most half its size (a draining batch: an empty slot costs
+        as much as a full one) or at least 1.5 times it (more problems than slots are waiting)."""
         queue = iter(items)
         exhausted = False
         _end = object()
+
+        grow_limit = 1 << 30
+
+        def maybe_resize():
+            nonlocal grow_limit
+            if slots_wanted is None:
+                return
+            n = sum(1 for it in self.items if it is not None)
+            if n == 0:
+                return
+            want = max(n, min(int(slots_wanted(n)), grow_limit))
+            if 2 * want <= self.B or 2 * want >= 3 * self.B:
+                try:
+                    self.resize(want)
+                except Exception as e:  # noqa: BLE001
+                    if not (is_oom(e) and want > self.B):
+                        raise
+                    drop_tracebacks(e)
+                    grow_limit = self.B  # the larger batch does not fit: go on as we are, and stay so
+                    log.warning("out of memory growing the batch from %d to %d slots; staying at %d",
+                                self.B, want, self.B)
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
 
         def refill():
             nonlocal exhausted
@@ -361,16 +434,17 @@ class BatchedFitter:
         refill()
         n_steps = 0
         while any(it is not None for it in self.items):
-            if not exhausted and n_steps and n_steps % self.check_every == 0 \
-                    and any(it is None for it in self.items):
-                refill()  # a slot left empty for want of work: has some arrived?
+            if n_steps and n_steps % self.check_every == 0:
+                maybe_resize()
+                if not exhausted and any(it is None for it in self.items):
+                    refill()  # a slot left empty for want of work: has some arrived?
             n_steps += 1
             self.step()
             n_live = sum(1 for it in self.items if it is not None)
             for s in range(self.B):
                 if self.items[s] is not None:
                     self.steps_done[s] += 1
-                    self.shared[s] += n_live
+                    self.shared[s] += n_live / self.B
             if progress:
                 progress(n_live)
             done: list[tuple[int, str]] = []
@@ -413,6 +487,8 @@ class BatchedFitter:
                 for s in distilled:
                     yield self._finish(s, self.reasons[s], gen_images)
             if done or distilled:
+                refill()
+                maybe_resize()
                 refill()
 
 
@@ -483,6 +559,14 @@ def auto_slots(cfg: FitConfig, canvas: tuple[int, int], channels: int, device, n
     peak2 = estimate_slot_bytes(cfg, canvas, channels, dev, 2)
     free, _total = torch.cuda.mem_get_info(dev)
     return min(n_items, slots_for_memory(free * margin, peak1, peak2, max_slots))
+
+
+def drop_tracebacks(e: BaseException | None) -> None:
+    """An exception that is handled or kept for later must not keep the failed fit's frames (and their
+    tensors) alive."""
+    while e is not None:
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
 
 
 def is_oom(exc: BaseException | None) -> bool:

@@ -507,7 +507,7 @@ def fit_tiled(problems, device="auto", slots: int | None = None, tile: int | Non
     import gc
     from collections import deque
     from pipeline.api import Feed, Ready, _IterFeed, fit_problems
-    from pipeline.engine import is_oom, pick_device
+    from pipeline.engine import drop_tracebacks, is_oom, pick_device
     dev = pick_device(device) if isinstance(device, str) else device
     budget = int(max_memory) if max_memory else None  # None: fit_problems sizes the batch itself
     source = problems if isinstance(problems, Feed) else _IterFeed(problems)
@@ -609,7 +609,7 @@ def fit_tiled(problems, device="auto", slots: int | None = None, tile: int | Non
         st = owner.pop(id(q), None)
         if st is None:  # a whole image
             if isinstance(r, Exception) and is_oom(r):
-                _drop_tracebacks(r)
+                drop_tracebacks(r)
                 extra.extend(retry(q, max(q.out_shape) // 2))
                 continue
             yield q, r
@@ -618,7 +618,7 @@ def fit_tiled(problems, device="auto", slots: int | None = None, tile: int | Non
             continue
         if isinstance(r, Exception) and is_oom(r) and len(st["merger"].layout.tiles) > 1:
             st["failed"] = True  # its tiles are too big: the whole image again, with smaller ones
-            _drop_tracebacks(r)
+            drop_tracebacks(r)
             extra.extend(retry(st["problem"], st["merger"].layout.tile * st["problem"].factor // 2))
             continue
         if isinstance(r, Exception):
@@ -632,13 +632,6 @@ def fit_tiled(problems, device="auto", slots: int | None = None, tile: int | Non
         st["merger"].add(r)
         if st["merger"].done:
             yield st["problem"], finish(st)
-
-
-def _drop_tracebacks(e: BaseException | None) -> None:
-    """An exception kept for later must not keep the failed fit's frames (and their tensors) alive."""
-    while e is not None:
-        e.__traceback__ = None
-        e = e.__cause__ or e.__context__
 
 
 # ---- ONNX: one model per tile + a layout file ------------------------------------------------------

@@ -130,7 +130,61 @@ def test_fit_tiled_streams_whole_images_and_tiles_from_a_feed():
 
 
 def test_batch_occupancy_counts_the_idle_slots_of_a_draining_batch():
-    got = {p.name: r for p, r in fit_problems([_problem("a", 30), _problem("b", 60)], device="cpu", slots=2)}
+    probs = [_problem("a", 30), _problem("b", 60)]
+    got = {p.name: r for p, r in fit_problems(probs, device="cpu", slots=2, elastic=False)}
     assert got["a"].extra["batch"] == {"slots": 2, "occupancy": 1.0}
     # b: 66 steps (60 + 6 distilling), the first 33 beside a, the last 33 alone in a batch of 2
     assert got["b"].extra["batch"]["occupancy"] == pytest.approx((33 * 2 + 33 * 1) / (66 * 2), abs=1e-4)
+    # elastic (the default): the batch shrinks to b's one slot once a is done
+    got = {p.name: r for p, r in fit_problems(probs, device="cpu", slots=2)}
+    assert got["b"].extra["batch"] == {"slots": 1, "occupancy": 1.0}
+
+
+def _auto(name, seed, size=(32, 32)):
+    """A fit with auto-stop (its stopper moves with it) and a reference (its PSNR trace moves too)."""
+    from pipeline.io import ImageData
+    img = _img(*size, seed)
+    return make_problem(img, preset="fast", seed=seed, name=name, net=TINY,
+                        reference=ImageData(np.clip(img + 0.01, 0, 1), None, 8))
+
+
+def test_an_elastic_batch_gives_every_fit_exactly_the_result_of_a_fixed_one():
+    """Shrinking a draining batch and growing one that problems wait for move each fit's whole state:
+    on the CPU the results are bit-identical to fixed batches (and so to single fits)."""
+    def run(elastic):
+        # a first wave of one image, then five more while it runs: the batch starts with 1 slot and grows
+        # to 4; the fits end at different steps (auto-stop), so it also drains and shrinks at the end
+        feed = Waves([(0, [_auto("p0", 0)]), (20, [_auto(f"p{i}", i) for i in range(1, 6)])])
+        out = {p.name: r for p, r in fit_problems(feed, device="cpu", slots=4, elastic=elastic, trace_every=50,
+                                                  on_step=feed.on_step)}
+        return out
+
+    fixed, elastic = run(False), run(True)
+    assert sorted(fixed) == sorted(elastic) == [f"p{i}" for i in range(6)]
+    for k in fixed:
+        a, b = fixed[k], elastic[k]
+        assert np.array_equal(a.image.pixels, b.image.pixels), k
+        assert a.steps == b.steps and a.loss == b.loss and a.stop_reason == b.stop_reason
+        assert a.extra["stopping"]["trace"] == b.extra["stopping"]["trace"]
+        assert a.extra["psnr_trace"] == b.extra["psnr_trace"]
+    assert {r.extra["batch"]["slots"] for r in fixed.values()} == {1}  # fixed: the first wave's 1 slot
+    slots = {k: r.extra["batch"]["slots"] for k, r in elastic.items()}
+    assert max(slots.values()) == 4 and min(slots.values()) < 4  # grew for the second wave, shrank at the end
+
+
+def test_a_batch_that_cannot_grow_goes_on_at_its_size(monkeypatch, caplog):
+    from pipeline import engine
+    real = engine.BatchedFitter.resize
+
+    def resize(self, slots):
+        if slots > self.B:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real(self, slots)
+
+    monkeypatch.setattr(engine.BatchedFitter, "resize", resize)
+    feed = Waves([(0, [_problem("p0", 40)]), (10, [_problem(f"p{i}", 40, seed=i) for i in range(1, 4)])])
+    with caplog.at_level(logging.WARNING, logger="dip.engine"):
+        got = {p.name: r for p, r in fit_problems(feed, device="cpu", slots=4, on_step=feed.on_step)}
+    assert sorted(got) == ["p0", "p1", "p2", "p3"] and all(r.steps == 40 for r in got.values())
+    assert {r.extra["batch"]["slots"] for r in got.values()} == {1}
+    assert caplog.text.count("out of memory growing the batch from 1 to 4 slots") == 1  # tried once only
