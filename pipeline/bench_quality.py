@@ -206,9 +206,8 @@ class EvalStopper:
     afterwards (:func:`replay_variants`)."""
 
     def __init__(self, stop_config, item=None, y_border: int | None = None):
-        from pipeline.stopping import WMVStopper, sigma_of_item
-        sigma = sigma_of_item(item) if stop_config.discrepancy and item is not None else None
-        self.rule = WMVStopper(stop_config, sigma=sigma)
+        from pipeline.stopping import WMVStopper, stopper_for_item
+        self.rule = stopper_for_item(stop_config, item)
         self.shadow = WMVStopper(stop_config.replace(patience=10 ** 9, rel_tol=0.0, smooth=1))
         self.y_border = y_border
         self.ref = None

@@ -376,6 +376,15 @@ def sigma_of_item(item) -> float | None:
     return estimate_sigma(np.moveaxis(t, 0, -1))
 
 
+def stopper_for_item(config: StopConfig, item=None) -> WMVStopper:
+    """A fresh WMVStopper for one FitItem: with ``config.discrepancy``, the fallback's noise level is
+    estimated from the item's degraded image."""
+    sigma = None
+    if config.discrepancy and item is not None and getattr(item, "target", None) is not None:
+        sigma = sigma_of_item(item)
+    return WMVStopper(config, sigma=sigma)
+
+
 def make_stopper_factory(cfg=None, check_every: int = 50, **overrides) -> Callable[..., WMVStopper]:
     """A ``stopper_factory`` for BatchedFitter / fit_problems: one fresh WMVStopper per loaded slot.
 
@@ -388,10 +397,7 @@ def make_stopper_factory(cfg=None, check_every: int = 50, **overrides) -> Callab
     config = stop_config_for(cfg, check_every=check_every, **overrides)
 
     def factory(item=None, *_args, **_kw) -> WMVStopper:
-        sigma = None
-        if config.discrepancy and item is not None and getattr(item, "target", None) is not None:
-            sigma = sigma_of_item(item)
-        return WMVStopper(config, sigma=sigma)
+        return stopper_for_item(config, item)
 
     factory.config = config
     factory.check_every = config.check_every
