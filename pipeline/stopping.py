@@ -225,11 +225,11 @@ class WMVStopper:
         if self.stopped_at is not None:
             return True
         self.last_step = int(step)
+        x = image.detach().float().clone()  # the window's copy; also the fallback's (neither is changed in place)
         if loss_hist is not None and self.fallback_image is None and self._discrepancy_reached(loss_hist):
-            self.fallback_image = image.detach().float().clone()
+            self.fallback_image = x
             self.fallback_step = self.last_step
-        x = image.detach().float()
-        self._window.append(x.clone())
+        self._window.append(x)
         self._steps.append(self.last_step)
         if len(self._window) > cfg.window:
             self._window.pop(0)
