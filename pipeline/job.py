@@ -123,8 +123,6 @@ class _Inbox(Feed):
     """The actor's feed: the problems of every call, in arrival order. It never ends;
     ``get(wait=False)`` returns None when it is empty, ``get(wait=True)`` blocks until a call adds some."""
 
-    live = True
-
     def __init__(self):
         import threading
         self.cv = threading.Condition()
