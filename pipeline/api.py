@@ -65,6 +65,40 @@ def canvas_for(cfg: FitConfig, H: int, W: int) -> tuple[int, int]:
     return max(math.ceil(H / m), 2) * m, max(math.ceil(W / m), 2) * m
 
 
+CANVAS_POLICIES = ("bucket", "ladder", "common")
+
+
+def ladder_side(side: int, m: int) -> int:
+    """``side`` (a multiple of ``m``) rounded up to the canvas ladder: m x 2, 3, 4, 5, 6, 7, then each
+    doubling of 4, 5, 6, 7 (8, 10, 12, 14, 16, 20, ...). Neighbouring rungs are at most 25 % apart beyond
+    4 m, so a side grows by less than that."""
+    k = max(-(-side // m), 2)
+    if k <= 7:
+        return k * m
+    e = 1
+    while True:
+        for a in (4, 5, 6, 7):
+            if a << e >= k:
+                return (a << e) * m
+        e += 1
+
+
+def check_canvas_policy(policy: str) -> None:
+    if policy not in CANVAS_POLICIES:
+        raise ValueError(f"canvas policy must be one of {CANVAS_POLICIES}, not {policy!r}")
+
+
+def policy_canvas(cfg: FitConfig, canvas: tuple[int, int], policy: str = "bucket") -> tuple[int, int]:
+    """The canvas a fit gets under a canvas policy, before ``common`` (which depends on the other images):
+    ``bucket`` keeps it, ``ladder`` rounds each side up to the ladder (:func:`ladder_side`), so images of
+    nearby sizes share a bucket at the cost of some padded (masked-out) pixels."""
+    check_canvas_policy(policy)
+    if policy != "ladder":
+        return canvas
+    m = max(cfg.net.multiple, cfg.scale if cfg.task == "sr" else 1)
+    return ladder_side(canvas[0], m), ladder_side(canvas[1], m)
+
+
 def _pad(a: np.ndarray, H: int, W: int) -> np.ndarray:
     """Reflect-pad (h, w, ...) at the bottom/right up to (H, W)."""
     h, w = a.shape[:2]
@@ -304,8 +338,10 @@ def fit_problems(problems: Iterable[Problem] | Feed, device="auto", slots=None,
                  ) -> Iterator[tuple[Problem, Result | Exception]]:
     """Fit many problems with the batched engine; yields (problem, Result or the exception) as each ends.
 
-    Problems are bucketed by (config, channels, canvas); with ``canvas_policy="common"`` every problem of
-    a (config, channels) group is padded to the group's largest canvas. One bucket is fitted at a time,
+    Problems are bucketed by (config, channels, canvas); with ``canvas_policy="ladder"`` each canvas side is
+    first rounded up to a coarser ladder (:func:`ladder_side`: rungs at most 25 % apart), so that images of
+    nearby sizes share a batch; with ``"common"`` every problem of a (config, channels) group is padded to
+    the group's largest canvas. The padding is masked out of the data term and cropped off the result. One bucket is fitted at a time,
     continuously batched: a finished slot takes the next problem of its bucket at once.
 
     ``problems`` is an iterable, or a :class:`Feed` that can have more problems later: a bucket's batch
@@ -331,6 +367,7 @@ def fit_problems(problems: Iterable[Problem] | Feed, device="auto", slots=None,
     dev = pick_device(device) if isinstance(device, str) else device
     feed = problems if isinstance(problems, Feed) else _IterFeed(problems)
     live_feed = feed.live
+    check_canvas_policy(canvas_policy)
     common: dict = {}
     if canvas_policy == "common":  # the common canvas is the largest of the group: read everything first
         allp = _drain(feed)
@@ -351,7 +388,8 @@ def fit_problems(problems: Iterable[Problem] | Feed, device="auto", slots=None,
             ready.append((x.problem, x.result))
             return
         g = (x.cfg.replace(seed=0, steps=1), x.image.channels)
-        pending.setdefault(g + (common.get(g, x.canvas),), deque()).append((next(arrival), x))
+        canvas = common.get(g) or policy_canvas(x.cfg, x.canvas, canvas_policy)
+        pending.setdefault(g + (canvas,), deque()).append((next(arrival), x))
 
     def poll(wait: bool = False) -> None:
         nonlocal ended

@@ -365,9 +365,10 @@ class BatchedFitter:
         if st is not None and hasattr(st, "summary"):
             res.extra["stopping"] = st.summary()
         # the batch while this image was fitted: its slots, and the mean share of them that were working
-        # (a drained batch still computes its empty slots)
+        # (a drained batch still computes its empty slots), and the canvas it was fitted on (output pixels)
         res.extra["batch"] = {"slots": self.B,
-                              "occupancy": round(self.shared[s] / max(1, self.steps_done[s]), 4)}
+                              "occupancy": round(self.shared[s] / max(1, self.steps_done[s]), 4),
+                              "canvas": [self.H, self.W]}
         if distilled:
             err = float(((images[s] - self.dtarget[s]) ** 2).mean().item())
             res.extra["distill"] = {"steps": self.steps_done[s] - n,

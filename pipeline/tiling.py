@@ -272,17 +272,19 @@ def _canvas(cfg, h: int, w: int) -> tuple[int, int]:
 
 
 def needs_tiling(problem: Problem, tile: int | None = None, max_memory_bytes: int | None = None,
-                 device="cpu") -> bool:
+                 device="cpu", canvas_policy: str = "bucket") -> bool:
     """Whether to fit ``problem`` as tiles: with an explicit ``tile``, when a side is longer than it;
-    otherwise when one whole-image fit is estimated above the budget (:func:`memory_budget`)."""
+    otherwise when one whole-image fit (on the canvas the policy gives it) is estimated above the budget
+    (:func:`memory_budget`)."""
     h, w = problem.image.shape
     if tile:
         return h > tile or w > tile
     budget = memory_budget(device, max_memory_bytes)
     if budget is None:
         return False
-    est = estimate_fit_bytes(problem.cfg, problem.canvas, problem.image.channels, device)
-    return est > budget
+    from pipeline.api import policy_canvas
+    canvas = policy_canvas(problem.cfg, problem.canvas, canvas_policy)
+    return estimate_fit_bytes(problem.cfg, canvas, problem.image.channels, device) > budget
 
 
 def choose_tile(problem: Problem, max_memory_bytes: int | None = None, device="cpu") -> int:
@@ -506,9 +508,10 @@ def fit_tiled(problems, device="auto", slots: int | None = None, tile: int | Non
     """
     import gc
     from collections import deque
-    from pipeline.api import Feed, Ready, _IterFeed, fit_problems
+    from pipeline.api import Feed, Ready, _IterFeed, check_canvas_policy, fit_problems, policy_canvas
     from pipeline.engine import drop_tracebacks, is_oom, pick_device
     dev = pick_device(device) if isinstance(device, str) else device
+    check_canvas_policy(canvas_policy)
     budget = int(max_memory) if max_memory else None  # None: fit_problems sizes the batch itself
     source = problems if isinstance(problems, Feed) else _IterFeed(problems)
     owner: dict[int, dict] = {}  # id(tile problem) -> its image's state
@@ -528,14 +531,15 @@ def fit_tiled(problems, device="auto", slots: int | None = None, tile: int | Non
         """The units of one image: itself, or its tiles (a Ready when it fails or is all copied)."""
         try:
             if forced is None:
-                if not (needs_tiling(p, tile, budget, dev) if (tile or budget or auto) else False):
+                if not (needs_tiling(p, tile, budget, dev, canvas_policy) if (tile or budget or auto) else False):
                     return [p]
                 t = tile or choose_tile(p, budget, dev)
             else:
                 t = forced
             if budget:
-                per = estimate_fit_bytes(p.cfg, _canvas(p.cfg, min(t, p.image.shape[0]), min(t, p.image.shape[1])),
-                                         p.image.channels, dev)
+                c = policy_canvas(p.cfg, _canvas(p.cfg, min(t, p.image.shape[0]), min(t, p.image.shape[1])),
+                                  canvas_policy)
+                per = estimate_fit_bytes(p.cfg, c, p.image.channels, dev)
                 if per > budget:
                     raise MemoryError(f"one {t}x{t} tile needs about {per / 2**30:.2f} GiB, above the memory "
                                       f"budget of {budget / 2**30:.2f} GiB: use a smaller --tile")

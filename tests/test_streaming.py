@@ -64,7 +64,7 @@ def test_problems_arriving_while_a_batch_runs_join_it():
     # c took a's slot at step 30: the batch stayed full, and it all took 60 steps (a batch that drained
     # between the waves would have run c alone for 30 more)
     assert set(live) == {2} and len(live) == 66  # 60 steps of b, +6 distilling; a and c: 30 + 3 each
-    assert all(r.extra["batch"] == {"slots": 2, "occupancy": 1.0} for r in got.values())
+    assert all(r.extra["batch"] == {"slots": 2, "occupancy": 1.0, "canvas": [32, 32]} for r in got.values())
     assert feed.waits == 0
 
 
@@ -132,12 +132,12 @@ def test_fit_tiled_streams_whole_images_and_tiles_from_a_feed():
 def test_batch_occupancy_counts_the_idle_slots_of_a_draining_batch():
     probs = [_problem("a", 30), _problem("b", 60)]
     got = {p.name: r for p, r in fit_problems(probs, device="cpu", slots=2, elastic=False)}
-    assert got["a"].extra["batch"] == {"slots": 2, "occupancy": 1.0}
+    assert got["a"].extra["batch"] == {"slots": 2, "occupancy": 1.0, "canvas": [32, 32]}
     # b: 66 steps (60 + 6 distilling), the first 33 beside a, the last 33 alone in a batch of 2
     assert got["b"].extra["batch"]["occupancy"] == pytest.approx((33 * 2 + 33 * 1) / (66 * 2), abs=1e-4)
     # elastic (the default): the batch shrinks to b's one slot once a is done
     got = {p.name: r for p, r in fit_problems(probs, device="cpu", slots=2)}
-    assert got["b"].extra["batch"] == {"slots": 1, "occupancy": 1.0}
+    assert got["b"].extra["batch"] == {"slots": 1, "occupancy": 1.0, "canvas": [32, 32]}
 
 
 def _auto(name, seed, size=(32, 32)):
@@ -188,3 +188,29 @@ def test_a_batch_that_cannot_grow_goes_on_at_its_size(monkeypatch, caplog):
     assert sorted(got) == ["p0", "p1", "p2", "p3"] and all(r.steps == 40 for r in got.values())
     assert {r.extra["batch"]["slots"] for r in got.values()} == {1}
     assert caplog.text.count("out of memory growing the batch from 1 to 4 slots") == 1  # tried once only
+
+
+def test_the_canvas_ladder_rounds_sides_up_by_at_most_a_quarter():
+    from pipeline.api import ladder_side
+    assert [ladder_side(k * 32, 32) // 32 for k in range(1, 21)] == \
+        [2, 2, 3, 4, 5, 6, 7, 8, 10, 10, 12, 12, 14, 14, 16, 16, 20, 20, 20, 20]
+    for m in (4, 32, 64):
+        prev = 0
+        for k in range(2, 400):
+            r = ladder_side(k * m, m)
+            assert r % m == 0 and r >= k * m and r >= prev
+            assert k < 4 or r <= 1.25 * k * m + 1e-9
+            prev = r
+
+
+def test_the_ladder_policy_puts_nearby_sizes_in_one_batch_and_keeps_each_size():
+    probs = [_problem("a", 6, size=(36, 36)), _problem("b", 6, size=(40, 38), seed=1)]
+    for policy, slots, canvases in (("bucket", [1, 1], [[36, 36], [40, 40]]),
+                                    ("ladder", [2, 2], [[40, 40], [40, 40]])):
+        got = {p.name: r for p, r in fit_problems(probs, device="cpu", slots=2, canvas_policy=policy)}
+        assert [got[n].extra["batch"]["slots"] for n in "ab"] == slots, policy
+        assert [got[n].extra["batch"]["canvas"] for n in "ab"] == canvases, policy
+        assert got["a"].image.shape == (36, 36) and got["b"].image.shape == (40, 38)
+        assert np.isfinite(got["a"].loss).all()
+    with pytest.raises(ValueError, match="canvas policy"):
+        next(iter(fit_problems(probs, device="cpu", canvas_policy="largest")))
