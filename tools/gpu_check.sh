@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call that checks and times what needs a GPU. Run from the repo root on the device machine
 # with .gpu/ carried (build it here first: `ORIGINAL=path/to/original bash tools/prepare_gpu_carry.sh`).
-# Stages (default: all, in this order): speed ray quality f16 original kernels; optional: elastic
+# Stages (default: all, in this order): speed ray quality f16 original kernels; optional: elastic canvas
 #   bash tools/gpu_check.sh speed ray      # only those
 # Each stage has its own time box; details go to $OUT, a short summary is printed last.
 export PYTHONUNBUFFERED=1
@@ -37,5 +37,8 @@ fi
 if has elastic; then  # not in the default list: a fixed against an elastic batch on a draining queue
     run 120 python3 tools/elastic_bench.py --device cuda --size 256 --slots 16 --images 16 --long 600 --short 60 --json $OUT/elastic.json
 fi
+if has canvas; then  # not in the default list: mixed sizes, canvas policies bucket / ladder / common
+    run 240 python3 tools/canvas_bench.py --device cuda --preset denoise --images 48 --min 192 --max 320 --steps 100 --repeats 1 --json $OUT/canvas.json
+fi
 echo "=== summary [$SECONDS s]"
-grep -h -E "^(single|batched)|^    profile|^F16|^ORIGINAL|images/h|^(masked|sr_x4)|^engine step|^elastic/fixed" $OUT/log.txt
+grep -h -E "^(single|batched)|^    profile|^F16|^ORIGINAL|images/h|^(masked|sr_x4)|^engine step|^elastic/fixed|^canvas " $OUT/log.txt
