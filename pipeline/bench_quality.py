@@ -205,7 +205,7 @@ class EvalStopper:
     the whole VAR trace (a never-stopping copy of the rule) so that other rule settings can be replayed
     afterwards (:func:`replay_variants`)."""
 
-    def __init__(self, stop_config, item=None, y_border: int | None = None):
+    def __init__(self, stop_config, item=None, y_border: int | None = None, keep_images: bool = False):
         from pipeline.stopping import WMVStopper, stopper_for_item
         self.rule = stopper_for_item(stop_config, item)
         self.shadow = WMVStopper(stop_config.replace(patience=10 ** 9, rel_tol=0.0, smooth=1))
@@ -221,6 +221,8 @@ class EvalStopper:
         self.auto: dict = {}
         self.trace: list[list] = []  # [step, metric of the image, metric of the window mean or None]
         self.oracle = (None, -math.inf)
+        self.keep_images = keep_images  # the auto and oracle images (canvas tensors) go into the summary
+        self.images: dict = {}
 
     def _score(self, img: torch.Tensor) -> float | None:
         if self.ref is None:
@@ -238,6 +240,8 @@ class EvalStopper:
             self.fired = True
             self.auto = {"stopped_at": int(step), "step": self.rule.best_step,
                          "psnr": self._score(self.rule.best_image)}
+            if self.keep_images:
+                self.images["auto"] = self.rule.best_image.detach().cpu().clone()
         self.shadow.update(step, image, loss_hist)
         p = self._score(image)
         if p is not None:
@@ -245,13 +249,18 @@ class EvalStopper:
             self.trace.append([int(step), round(p, 4), None if pm is None else round(pm, 4)])
             if p > self.oracle[1]:
                 self.oracle = (int(step), p)
+                if self.keep_images:
+                    self.images["oracle"] = image.detach().cpu().clone()
         return False
 
     def summary(self) -> dict:
         if not self.fired and self.rule.fallback_image is not None:  # the rule's fallback at the cap
             self.auto = {"stopped_at": None, "step": self.rule.fallback_step, "from": "discrepancy",
                          "psnr": self._score(self.rule.fallback_image)}
-        return {"fired": self.fired, "auto": self.auto, "oracle_step": self.oracle[0],
+            if self.keep_images:
+                self.images["auto"] = self.rule.fallback_image.detach().cpu().clone()
+        extra = {"_images": self.images} if self.keep_images else {}
+        return {**extra, "fired": self.fired, "auto": self.auto, "oracle_step": self.oracle[0],
                 "oracle_psnr": None if self.oracle[0] is None else round(self.oracle[1], 4),
                 "metric_trace": self.trace, "var_trace": self.shadow.summary()["trace"],
                 "rule": self.rule.config.to_dict()}
@@ -320,15 +329,20 @@ def replay_discrepancy(row: dict, factors=DISCREPANCY, smooth: int = DISCREPANCY
     return out
 
 
-def eval_factory(stop_config, y_border):
+def eval_factory(stop_config, y_border, keep_images: bool = False):
     def factory(item=None):
-        return EvalStopper(stop_config, item, y_border)
+        return EvalStopper(stop_config, item, y_border, keep_images)
     return factory
 
 
 # ---- running a suite ------------------------------------------------------------------------------------
 def run_suite(suite: str, cases: list[Case], device="auto", fast: bool = False, max_steps: int | None = None,
-              slots: int | None = None, seed: int = 0, check_every: int = 50) -> dict:
+              slots: int | None = None, seed: int = 0, check_every: int = 50,
+              overrides: dict | None = None, images: dict | None = None) -> dict:
+    """Fit every case once and score it. ``overrides``: config fields for every problem (e.g.
+    ``{"reg_noise_std": 0.0}`` or ``{"net": {"upsample": "nearest"}}``); ``images``: a dict that receives
+    each case's images, name -> {"auto": the auto-stopped image, "oracle": the best-scoring checked one,
+    "final": the last}, each (H, W, C) float32, for scores computed outside (ensembles)."""
     from pipeline.api import fit_problems, make_problem
     from pipeline.stopping import estimate_sigma, stop_config_for
     preset = "fast" if fast else SUITE_PRESETS[suite]
@@ -345,6 +359,7 @@ def run_suite(suite: str, cases: list[Case], device="auto", fast: bool = False, 
             kw["scale"] = SR_SCALE
         if "steps" in over and over["steps"] is not None:
             kw["steps"] = over["steps"]
+        kw.update(overrides or {})
         p = make_problem(c.image, **kw)
         p.meta["bench_index"] = i
         problems.append(p)
@@ -356,7 +371,7 @@ def run_suite(suite: str, cases: list[Case], device="auto", fast: bool = False, 
     if fast:  # a handful of checks: only exercise the machinery
         stop_cfg = stop_cfg.replace(window=2, patience=1, min_steps=0)
     y_border = SR_BORDER if suite == "sr" else None
-    factory = eval_factory(stop_cfg, y_border)
+    factory = eval_factory(stop_cfg, y_border, keep_images=images is not None)
     rows: list[dict | None] = [None] * len(problems)
     t0 = time.perf_counter()
     # trace_every: the engine hands the references to the fit items (and so to the stoppers) only with a
@@ -369,8 +384,14 @@ def run_suite(suite: str, cases: list[Case], device="auto", fast: bool = False, 
             log.error("%s/%s failed: %s", suite, c.name, r)
             rows[i] = {"name": c.name, "error": str(r)}
             continue
-        final = psnr(torch.from_numpy(r.image.pixels).permute(2, 0, 1), _ref_tensor(c.reference), y_border)
         ev = r.extra.get("stopping", {})
+        kept = ev.pop("_images", {})
+        if images is not None:
+            H, W = r.image.pixels.shape[:2]
+            images[c.name] = {"final": r.image.pixels,
+                              **{k: v[:, :H, :W].permute(1, 2, 0).numpy() for k, v in kept.items()}}
+            images[c.name].setdefault("auto", r.image.pixels)  # the rule never fired and had no fallback
+        final = psnr(torch.from_numpy(r.image.pixels).permute(2, 0, 1), _ref_tensor(c.reference), y_border)
         fired = bool(ev.get("fired"))
         auto = ev.get("auto") or {}
         chose = fired or auto.get("from") == "discrepancy"  # the rule's image, or its fallback at the cap

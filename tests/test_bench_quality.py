@@ -108,3 +108,21 @@ def test_replayed_discrepancy_principle_stops_where_the_loss_reaches_the_noise_v
     assert got[1.0]["psnr"] == 20.0 + got[1.0]["chosen"] / 100
     assert got[1.2]["step"] < got[1.0]["step"]  # a looser level is reached earlier
     assert got[0.5]["step"] is None and got[0.5]["psnr"] == 20.0  # never reached: the final image
+
+
+@needs_data
+def test_run_suite_takes_overrides_and_hands_back_the_scored_images():
+    """What tools/measure_knobs.py builds on: a config override changes the fit, and the kept auto-stopped
+    and best checked images score exactly what the bench reported for them."""
+    cases = bq.load_cases("denoise", ROOT, limit=1, crop=bq.FAST_CROP)
+    plain = bq.run_suite("denoise", cases, device="cpu", fast=True)["images"][0]
+    imgs: dict = {}
+    row = bq.run_suite("denoise", cases, device="cpu", fast=True, overrides={"reg_noise_std": 0.0},
+                       images=imgs)["images"][0]
+    assert row["final_psnr"] != plain["final_psnr"]  # no input noise: another fit
+    kept = imgs[cases[0].name]
+    ref = bq._ref_tensor(cases[0].reference)
+    for k, col in (("auto", "auto_psnr"), ("oracle", "oracle_psnr"), ("final", "final_psnr")):
+        assert kept[k].shape == cases[0].reference.shape
+        got = bq.psnr(torch.from_numpy(np.ascontiguousarray(kept[k])).permute(2, 0, 1), ref)
+        assert got == pytest.approx(row[col], abs=1e-3), k

@@ -348,3 +348,22 @@ def test_real_fit_returns_the_fallback_image_at_its_cap():
     last, st0 = run(discrepancy=0.0)  # no fallback: the same fit keeps its last image
     assert st0.sigma is None and res.extra["stopping"]["result_from"] == "discrepancy"
     assert last.extra["stopping"]["result_from"] == "last" and not np.array_equal(last.image, res.image)
+
+
+def test_the_bench_stopper_keeps_the_images_it_scored():
+    """pipeline.bench_quality.EvalStopper(keep_images=True), which tools/measure_knobs.py averages: the
+    auto image is the rule's choice, the oracle image the best-scoring one, and neither is the last."""
+    from types import SimpleNamespace
+    from pipeline.bench_quality import EvalStopper
+    ts, imgs, errs = _synthetic(800, steps=4000, seed=0)
+    clean = torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(0))  # _synthetic's, seed 0
+    item = SimpleNamespace(reference=clean.numpy(), ref_mask=None)
+    cfg = StopConfig(window=6, patience=10, min_steps=200, check_every=CHECK, rel_tol=0.0)
+    ev = EvalStopper(cfg, item, keep_images=True)
+    assert _run(ev, ts, imgs) is None  # it never stops the fit
+    s = ev.summary()
+    kept = s.pop("_images")
+    assert s["fired"] and torch.equal(kept["auto"], imgs[list(ts).index(s["auto"]["step"])])
+    assert torch.equal(kept["oracle"], imgs[list(ts).index(s["oracle_step"])])
+    assert s["oracle_step"] == int(ts[int(np.argmin(errs))])
+    assert "_images" not in EvalStopper(cfg, item).summary()
