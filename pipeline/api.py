@@ -130,6 +130,9 @@ def to_fit_item(p: Problem, key=None, with_reference: bool = False, canvas: tupl
     a larger one for a batch with a common canvas), holes zeroed, padding masked out."""
     from pipeline.engine import FitItem
     check_problem(p)
+    if p.cfg.ensemble > 1:
+        raise ValueError(f"{p.source or p.name}: an ensemble of {p.cfg.ensemble} fits is fitted through "
+                         "pipeline.tiling.fit_tiled (or restore), which splits it into its members")
     f = p.factor
     H, W = canvas or p.canvas
     hc, wc = H // f, W // f
@@ -501,7 +504,13 @@ def restore(image, task: str = "denoise", *, mask=None, reference=None, preset: 
     """Restore one image. ``image``: a path, an ImageData, or an array. Returns a :class:`Result`."""
     p = make_problem(image, task=task, mask=mask, reference=reference, preset=preset, scale=scale,
                      seed=seed, steps=steps, **overrides)
-    for _p, r in fit_problems([p], device=device, slots=1, keep_weights=keep_weights, use_kernels=use_kernels):
+    if p.cfg.ensemble > 1:  # its members are fitted like the tiles of one image, and averaged
+        from pipeline.tiling import fit_tiled
+        fits = fit_tiled([p], device=device, slots=p.cfg.ensemble, auto=False, keep_weights=keep_weights,
+                         use_kernels=use_kernels)
+    else:
+        fits = fit_problems([p], device=device, slots=1, keep_weights=keep_weights, use_kernels=use_kernels)
+    for _p, r in fits:
         if isinstance(r, Exception):
             raise r
         return r

@@ -114,7 +114,7 @@ def config_for(args, device_type: str, row: dict | None = None):
                 args._fast_logged = True
     over = {"steps": row.get("steps", args.steps), "seed": row.get("seed", args.seed),
             "output": getattr(args, "output", None), "precision": getattr(args, "precision", None),
-            "distill_steps": getattr(args, "distill_steps", None)}
+            "distill_steps": getattr(args, "distill_steps", None), "ensemble": getattr(args, "ensemble", None)}
     return make_config(row.get("task", args.task), preset=preset, scale=row.get("scale", args.scale), **over)
 
 
@@ -478,7 +478,7 @@ class _Driver:
                     "mask_sha256": file_sha256(it.mask) if it.mask and Path(it.mask).is_file() else None,
                     "reference_sha256": file_sha256(it.reference) if it.reference and Path(it.reference).is_file()
                     else None}
-            conf = cfg.to_dict()
+            conf = cfg.identity_dict()
             tiling_opts = {k: v for k, v in (("tile", getattr(self.args, "tile", None)),
                                              ("tile_overlap", getattr(self.args, "tile_overlap", None)),
                                              ("max_memory", getattr(self.args, "max_memory", None))) if v}

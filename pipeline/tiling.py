@@ -85,6 +85,7 @@ class Tile:
     factor: int = 1
     wy: tuple[int, int, int, int] = (-1, 0, -1, 0)
     wx: tuple[int, int, int, int] = (-1, 0, -1, 0)
+    member: int = 0  # an ensemble's member (FitConfig.ensemble): the same box fitted from another seed
 
     @property
     def out_box(self) -> tuple[int, int, int, int]:
@@ -107,13 +108,13 @@ class Tile:
         return np.outer(axis_weights(h, self.wy), axis_weights(w, self.wx)).astype(np.float32)
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "row": self.row, "col": self.col, "box": list(self.box),
-                "out_box": list(self.out_box), "wy": list(self.wy), "wx": list(self.wx)}
+        return {"index": self.index, "row": self.row, "col": self.col, "member": self.member,
+                "box": list(self.box), "out_box": list(self.out_box), "wy": list(self.wy), "wx": list(self.wx)}
 
     @classmethod
     def from_dict(cls, d: dict, factor: int) -> Tile:
         return cls(int(d["index"]), int(d["row"]), int(d["col"]), tuple(int(v) for v in d["box"]), factor,
-                   tuple(int(v) for v in d["wy"]), tuple(int(v) for v in d["wx"]))
+                   tuple(int(v) for v in d["wy"]), tuple(int(v) for v in d["wx"]), int(d.get("member", 0)))
 
 
 def hann_up(r: int) -> np.ndarray:
@@ -342,6 +343,10 @@ class Layout:
         return self.problem.out_shape
 
     @property
+    def ensemble(self) -> int:
+        return 1 + max(t.member for t in self.tiles)
+
+    @property
     def fitted(self) -> list[int]:
         return [t.index for t in self.tiles if t.index not in self.copied]
 
@@ -350,9 +355,10 @@ class Layout:
         h, w = self.problem.image.shape
         return {"tile": self.tile, "overlap": self.overlap, "factor": self.factor,
                 "input_size": [w, h], "output_size": [W, H], "rows": 1 + max(t.row for t in self.tiles),
-                "cols": 1 + max(t.col for t in self.tiles),
+                "cols": 1 + max(t.col for t in self.tiles), "ensemble": self.ensemble,
                 "weights": "hann: per axis a raised-cosine ramp of overlap*factor output pixels centred in each "
-                           "pair's overlap; tile weight = outer(wy, wx); output = sum(w*tile) / sum(w)",
+                           "pair's overlap; tile weight = outer(wy, wx); output = sum(w*tile) / sum(w) (an "
+                           "ensemble's members share a box and its weights: their mean)",
                 "tiles": [{**t.to_dict(), "seed": self.seeds[t.index],
                            "copied": t.index in self.copied} for t in self.tiles]}
 
@@ -370,10 +376,14 @@ def split(problem: Problem, tile: int, overlap: int | None = None) -> tuple[list
     overlap = default_overlap(tile) if overlap is None else int(overlap)
     h, w = problem.image.shape
     tiles = plan_tiles(h, w, tile, overlap, problem.factor)
+    K = problem.cfg.ensemble
+    if K > 1:  # every box K times, from K seeds: the blend's sum(w * tile) / sum(w) is then their mean
+        tiles = [dataclasses.replace(t, index=i * K + k, member=k) for i, t in enumerate(tiles) for k in range(K)]
     seeds = [tile_seed(problem.seed, t.index) for t in tiles]
     layout = Layout(problem=problem, tile=int(tile), overlap=overlap, tiles=tiles, seeds=seeds)
     out: list[Problem] = []
     img = problem.image
+    cfg = problem.cfg.replace(ensemble=1)  # each tile problem is one fit
     for t in tiles:
         y0, x0, y1, x1 = t.box
         m = None
@@ -387,7 +397,7 @@ def split(problem: Problem, tile: int, overlap: int | None = None) -> tuple[list
                                  f"tile {t.index} (x {x0}..{x1}, y {y0}..{y1}) has no known pixel: the hole is "
                                  f"larger than a tile; use a larger --tile (now {tile})")
         px = np.ascontiguousarray(img.pixels[y0:y1, x0:x1])
-        out.append(Problem(image=ImageData(px, None, img.bits, ""), cfg=problem.cfg, seed=seeds[t.index], mask=m,
+        out.append(Problem(image=ImageData(px, None, img.bits, ""), cfg=cfg, seed=seeds[t.index], mask=m,
                            reference=None, name=f"{problem.name}.t{t.index:03d}", source="",
                            source_sha256="", meta={"tile": t.index}))
     return out, layout
@@ -532,8 +542,11 @@ def fit_tiled(problems, device="auto", slots: int | None = None, tile: int | Non
         try:
             if forced is None:
                 if not (needs_tiling(p, tile, budget, dev, canvas_policy) if (tile or budget or auto) else False):
-                    return [p]
-                t = tile or choose_tile(p, budget, dev)
+                    if p.cfg.ensemble == 1:
+                        return [p]
+                    t = max(p.image.shape)  # an ensemble of the whole image: one box, its members
+                else:
+                    t = tile or choose_tile(p, budget, dev)
             else:
                 t = forced
             if budget:
@@ -548,8 +561,8 @@ def fit_tiled(problems, device="auto", slots: int | None = None, tile: int | Non
             direct.add(id(p))
             return [Ready(p, e)]
         st = {"problem": p, "merger": Merger(lay), "t0": None, "failed": False, "oom": forced}
-        log.info("%s: %d tiles of %d px (overlap %d), %d copied", p.source or p.name, len(lay.tiles), t,
-                 lay.overlap, len(lay.copied))
+        log.info("%s: %d tiles of %d px (overlap %d; %d fits each), %d copied", p.source or p.name,
+                 len(lay.tiles) // lay.ensemble, t, lay.overlap, lay.ensemble, len(lay.copied))
         if not tps:
             direct.add(id(p))
             return [Ready(p, finish(st))]

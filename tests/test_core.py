@@ -516,3 +516,13 @@ def test_cpu_batches_one_fit_at_a_time():
     """On a CPU batching gains nothing and a drained batch still computes its idle slots (BENCHMARKS.md)."""
     from pipeline.engine import auto_slots
     assert auto_slots(PRESETS["fast"], (32, 32), 3, "cpu", 10) == 1
+
+
+def test_a_later_config_field_at_its_neutral_value_leaves_the_job_hash_as_it_was():
+    """Results made before FitConfig.ensemble existed were hashed without it; a rerun after the upgrade
+    must still find them done (pipeline.job hashes identity_dict), and another value must not."""
+    from pipeline.config import make_config
+    cfg = make_config("denoise", preset="fast")
+    before = {k: v for k, v in cfg.to_dict().items() if k != "ensemble"}  # the dict an older dip hashed
+    assert cfg.to_dict()["ensemble"] == 1 and cfg.identity_dict() == before
+    assert cfg.replace(ensemble=2).identity_dict() == {**before, "ensemble": 2}

@@ -390,3 +390,44 @@ def test_what_counts_as_out_of_memory(exc, oom):
     wrapped = tiling.TileError("tile 3 of 9 failed")
     wrapped.__cause__ = exc
     assert is_oom(wrapped) is oom  # through a tile's error
+
+
+# ---- ensembles: K fits of the same box from K seeds, blended like tiles -------------------------------
+def test_an_ensemble_is_the_mean_of_its_members_and_renders_as_one_image(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from pipeline.api import fit_problems, restore
+    img = smooth(24, 40)
+    p = make_problem(img, preset="fast", steps=6, net=TINY, seed=5, name="scan", ensemble=2)
+    (_q, r), = list(fit_tiled([p], device="cpu", auto=False, keep_weights=True))
+    assert isinstance(r, TiledResult) and r.image.shape == (24, 40)
+    lay = r.extra["tiling"]
+    assert lay["ensemble"] == 2 and [(t["member"], t["box"]) for t in lay["tiles"]] == [(0, [0, 0, 24, 40]),
+                                                                                         (1, [0, 0, 24, 40])]
+    # the same two fits made by hand (one fit each, the members' seeds), averaged
+    seeds = [tiling.tile_seed(5, i) for i in range(2)]
+    assert [t["seed"] for t in lay["tiles"]] == seeds and seeds[0] != seeds[1]
+    singles = [res.image.pixels for _q, res in fit_problems(
+        [make_problem(img, preset="fast", steps=6, net=TINY, seed=s, name=f"m{s}") for s in seeds], device="cpu")]
+    assert np.abs(singles[0] - singles[1]).max() > 0.01  # two different fits
+    np.testing.assert_allclose(r.image.pixels, (singles[0] + singles[1]) / 2, atol=1 / 255 + 1e-6)
+    # one layout file re-renders the mean
+    path = tiling.export_tiled(r, tmp_path)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["scan.t000.onnx", "scan.t001.onnx", "scan.tiles.json"]
+    np.testing.assert_allclose(tiling.render_tiled(path, "cpu").pixels, r.image.pixels, atol=2e-3)
+    # restore() splits an ensemble too; fit_problems refuses one rather than fit it as a single fit
+    r2 = restore(img, preset="fast", steps=6, net=TINY, seed=5, ensemble=2, device="cpu")
+    np.testing.assert_array_equal(r2.image.pixels, r.image.pixels)
+    (_q, err), = list(fit_problems([p], device="cpu"))
+    assert isinstance(err, ValueError) and "ensemble" in str(err)
+    with pytest.raises(ValueError, match="ensemble"):
+        make_problem(img, preset="fast", ensemble=0)
+
+
+def test_an_ensemble_of_a_tiled_image_fits_every_tile_k_times():
+    p = make_problem(smooth(40, 56), preset="fast", steps=3, net=TINY, ensemble=2, name="big")
+    tps, lay = split(p, 32, 8)
+    assert len(lay.tiles) == 2 * len(plan_tiles(40, 56, 32, 8)) == len(tps)
+    assert all(q.cfg.ensemble == 1 for q in tps) and len({q.seed for q in tps}) == len(tps)
+    # members share a box and its weights, so the merge of exact crops is still exact
+    r = merge(lay, fake_results(lay, tps, smooth(40, 56)))
+    np.testing.assert_allclose(r.image.pixels, smooth(40, 56), atol=1 / 255 + 1e-6)
