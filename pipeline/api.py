@@ -344,8 +344,10 @@ def fit_problems(problems: Iterable[Problem] | Feed, device="auto", slots=None,
     Problems are bucketed by (config, channels, canvas); with ``canvas_policy="ladder"`` each canvas side is
     first rounded up to a coarser ladder (:func:`ladder_side`: rungs at most 25 % apart), so that images of
     nearby sizes share a batch; with ``"common"`` every problem of a (config, channels) group is padded to
-    the group's largest canvas. The padding is masked out of the data term and cropped off the result. One bucket is fitted at a time,
-    continuously batched: a finished slot takes the next problem of its bucket at once.
+    the group's largest canvas. The padding is masked out of the data term and cropped off the result.
+    One bucket is fitted at a time, continuously batched: a finished slot takes the next problem of its
+    bucket at once. A problem with ``cfg.ensemble > 1`` gets a ValueError: pipeline.tiling.fit_tiled
+    splits it into its members.
 
     ``problems`` is an iterable, or a :class:`Feed` that can have more problems later: a bucket's batch
     then also takes the problems that arrive while it runs (so a Ray actor's batch stays full from one call
