@@ -169,7 +169,10 @@ def test_interrupted_and_killed_driver_then_rerun_finishes_only_the_rest(tmp_pat
     for i, k in enumerate(ids):
         write_png(src / f"{k}.png", size=(24, 24), seed=i)
     out = tmp_path / "out"
-    cmd = dip_cmd("restore", src, "--out", out, "--steps", 6, "--slots", 1, "--preset", "fast", "--device", "cpu",
+    # 60 steps (about 1 s an image here): the stops below must land while images are still left. At 6
+    # steps (0.1 s an image) the actor, whose batch no longer waits between calls, could finish all six
+    # before the driver handled the SIGINT sent after the first one (CI, 2026-11-27: exit 0, not 130).
+    cmd = dip_cmd("restore", src, "--out", out, "--steps", 60, "--slots", 1, "--preset", "fast", "--device", "cpu",
                   "--no-export-onnx", "--quiet")
 
     def start():
