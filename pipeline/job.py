@@ -741,10 +741,13 @@ class _Driver:
         except Exception as e:  # noqa: BLE001
             print(f"dip: error: cannot start or join Ray: {_one_line(e)}", file=sys.stderr)
             return 2
-        old_term = signal.getsignal(signal.SIGTERM)
+        old_term, old_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
         in_main = _is_main_thread()
         if in_main:
+            # SIGINT too, explicitly: a process started in the background of a script inherits SIGINT
+            # ignored, and Python then never raises KeyboardInterrupt, so `kill -INT` did nothing
             signal.signal(signal.SIGTERM, _raise_interrupt)
+            signal.signal(signal.SIGINT, _raise_interrupt)
         run = None
         status = "finished"
         try:
@@ -770,6 +773,7 @@ class _Driver:
         finally:
             if in_main:
                 signal.signal(signal.SIGTERM, old_term)
+                signal.signal(signal.SIGINT, old_int)
             if self.bar is not None:
                 self.bar.close()
             for job in list(self.jobs.values()):
