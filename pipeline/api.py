@@ -56,12 +56,16 @@ class Problem:
         return canvas_for(self.cfg, *self.out_shape)
 
 
+def canvas_multiple(cfg: FitConfig) -> int:
+    """Every canvas side is a multiple of this: 2**scales, or the SR factor if that is larger."""
+    return max(cfg.net.multiple, cfg.scale if cfg.task == "sr" else 1)
+
+
 def canvas_for(cfg: FitConfig, H: int, W: int) -> tuple[int, int]:
-    """The network canvas for an H x W output: each side a multiple of 2**scales (and of the SR factor),
-    and at least twice that, so that the deepest scale keeps 2x2 pixels (BatchNorm in training mode
-    needs more than one value per channel)."""
-    f = cfg.scale if cfg.task == "sr" else 1
-    m = max(cfg.net.multiple, f)
+    """The network canvas for an H x W output: each side a multiple of :func:`canvas_multiple`, and at
+    least twice that, so that the deepest scale keeps 2x2 pixels (BatchNorm in training mode needs more
+    than one value per channel)."""
+    m = canvas_multiple(cfg)
     return max(math.ceil(H / m), 2) * m, max(math.ceil(W / m), 2) * m
 
 
@@ -95,7 +99,7 @@ def policy_canvas(cfg: FitConfig, canvas: tuple[int, int], policy: str = "bucket
     check_canvas_policy(policy)
     if policy != "ladder":
         return canvas
-    m = max(cfg.net.multiple, cfg.scale if cfg.task == "sr" else 1)
+    m = canvas_multiple(cfg)
     return ladder_side(canvas[0], m), ladder_side(canvas[1], m)
 
 

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.api import VERSION, Problem, Result, output_image
+from pipeline.api import VERSION, Problem, Result, canvas_multiple, output_image
 from pipeline.api import metrics as _metrics
 from pipeline.io import ImageData, ImageError, encode_meta
 
@@ -230,7 +230,7 @@ def fit_model(cfg, channels: int, device="cpu", measure: bool = True) -> tuple[f
         key = (cfg.replace(seed=0, steps=1), channels, str(dev))
         if key not in _calibrated:
             from pipeline.engine import estimate_slot_bytes
-            m = max(cfg.net.multiple, cfg.scale if cfg.task == "sr" else 1)
+            m = canvas_multiple(cfg)
             s1, s2 = m * math.ceil(128 / m), m * math.ceil(256 / m)
             p1 = estimate_slot_bytes(cfg, (s1, s1), channels, dev)
             p2 = estimate_slot_bytes(cfg, (s2, s2), channels, dev)
@@ -288,16 +288,21 @@ def needs_tiling(problem: Problem, tile: int | None = None, max_memory_bytes: in
     return estimate_fit_bytes(problem.cfg, canvas, problem.image.channels, device) > budget
 
 
+def input_tile(problem: Problem, t_out: int) -> int:
+    """The input-pixel tile side for about ``t_out`` output pixels: rounded down to the canvas multiple,
+    divided by the SR factor, at least 8."""
+    m = canvas_multiple(problem.cfg)
+    return max(8, (t_out // m) * m // problem.factor)
+
+
 def choose_tile(problem: Problem, max_memory_bytes: int | None = None, device="cpu") -> int:
     """A tile side (input pixels) for an image that needs tiling: ``DEFAULT_TILE_OUT / factor``, halved
     until one fit of it is estimated within the budget. Raises MemoryError when even 32 output pixels
     do not fit."""
-    f = problem.factor
-    m = max(problem.cfg.net.multiple, f)
     budget = memory_budget(device, max_memory_bytes)
     t_out = DEFAULT_TILE_OUT
     while True:
-        t_in = max(8, (t_out // m) * m // f)
+        t_in = input_tile(problem, t_out)
         c = _canvas(problem.cfg, t_in, t_in)
         if budget is None or estimate_fit_bytes(problem.cfg, c, problem.image.channels, device) <= budget:
             return t_in
@@ -572,9 +577,7 @@ def fit_tiled(problems, device="auto", slots: int | None = None, tile: int | Non
 
     def retry(p: Problem, t_out: int) -> list:
         """After out of memory: ``p`` again as tiles of about ``t_out`` output pixels."""
-        f = p.factor
-        m = max(p.cfg.net.multiple, f)
-        t_in = max(8, (t_out // m) * m // f)
+        t_in = input_tile(p, t_out)
         if t_out < 32:
             direct.add(id(p))
             return [Ready(p, MemoryError(f"{p.source or p.name}: out of memory even with tiles of "
