@@ -82,7 +82,7 @@ def timing(fn, out, iters: int, warmup: int = 5):
 
 def gpu_and_host(fn, out, iters: int, warmup: int = 3) -> dict:
     """GPU kernel time per forward + backward (profiler), the host's enqueue time, and kernels per call."""
-    from pipeline.bench import profile_calls
+    from pipeline.bench.speed import profile_calls
     once = _warm_step(fn, out, warmup)
     t0 = time.perf_counter()
     for _ in range(iters):
@@ -96,7 +96,7 @@ def gpu_and_host(fn, out, iters: int, warmup: int = 3) -> dict:
 
 def step_compare(size: int, batch: int, steps: int, device: str = "cuda") -> dict:
     """Engine steps with the kernels and with the reference, for inpainting and SR x4 (bf16)."""
-    from pipeline.bench import time_config
+    from pipeline.bench.speed import time_config
     from pipeline.config import make_config
     res = {"size": size, "batch": batch, "steps": steps}
     for name, cfg in (("inpaint", make_config("inpaint")), ("sr_x4", make_config("sr", scale=4))):

@@ -128,12 +128,12 @@ def _add_bench(sub):
 
 
 def _run_bench_speed(args) -> int:
-    from pipeline import bench
+    from pipeline.bench import speed as bench
     return bench.speed_main(args)
 
 
 def _run_bench_quality(args) -> int:
-    from pipeline import bench_quality
+    from pipeline.bench import quality as bench_quality
     return bench_quality.main(args)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import bench_quality as bq
+from pipeline.bench import quality as bq
 from pipeline.cli import main
 
 ROOT = bq.paper_dir(None)

@@ -1,7 +1,7 @@
 """dip bench speed runs end to end on the CPU and reports every configuration it measured."""
 import json
 
-from pipeline.bench import conv_flops
+from pipeline.bench.speed import conv_flops
 from pipeline.cli import main
 from pipeline.config import PRESETS
 

@@ -272,7 +272,7 @@ def test_noise_level_estimate():
 @pytest.mark.parametrize("check", [50, 20, 7])
 def test_discrepancy_fallback_keeps_the_image_where_the_loss_reaches_the_noise_level(check):
     """The live fallback finds the same first crossing as the bench's replay, whatever the check interval."""
-    from pipeline.bench_quality import replay_discrepancy
+    from pipeline.bench.quality import replay_discrepancy
     sigma, n = 0.1, 600
     rng = np.random.default_rng(1)
     loss = torch.tensor([0.05 * 0.99 ** t + 0.009 + 0.0005 * rng.standard_normal() for t in range(n)])
@@ -351,10 +351,10 @@ def test_real_fit_returns_the_fallback_image_at_its_cap():
 
 
 def test_the_bench_stopper_keeps_the_images_it_scored():
-    """pipeline.bench_quality.EvalStopper(keep_images=True), which tools/measure_knobs.py averages: the
+    """pipeline.bench.quality.EvalStopper(keep_images=True), which tools/measure_knobs.py averages: the
     auto image is the rule's choice, the oracle image the best-scoring one, and neither is the last."""
     from types import SimpleNamespace
-    from pipeline.bench_quality import EvalStopper
+    from pipeline.bench.quality import EvalStopper
     ts, imgs, errs = _synthetic(800, steps=4000, seed=0)
     clean = torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(0))  # _synthetic's, seed 0
     item = SimpleNamespace(reference=clean.numpy(), ref_mask=None)

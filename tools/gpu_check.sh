@@ -23,7 +23,7 @@ if has ray; then
     run 150 python3 -m pipeline.job --bench 32 --size 256 --steps 300 --device cuda --json $OUT/ray.json
 fi
 if has quality; then
-    run 300 python3 -m pipeline.bench_quality --suite all --only F16,baby,bird,butterfly,head,woman,house --json $OUT/quality.json
+    run 300 python3 -m pipeline.bench.quality --suite all --only F16,baby,bird,butterfly,head,woman,house --json $OUT/quality.json
 fi
 if has f16; then
     run 130 python3 tools/f16_quality.py --image .gpu/F16_GT.png --seeds 0,1 --precision bf16 --output ema --steps 3000 --json $OUT/f16_bf16.json

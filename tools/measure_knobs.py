@@ -1,7 +1,7 @@
 """Issue 7's quality knobs on the denoising crops: an ensemble of two fits, the input noise level, and
 the upsampling mode, each against the preset as it is, on the same crops and with the same auto-stop.
 
-Every variant is one `dip bench quality` run (`pipeline.bench_quality.run_suite`) with a config override
+Every variant is one `dip bench quality` run (`pipeline.bench.quality.run_suite`) with a config override
 or another seed; the ensemble is the mean of the seed-0 and seed-1 result images (each at its own
 auto-stopped step), which is what fitting an image twice and averaging would give; its "oracle" is the
 mean of the two fits' best checked images. Results are written
@@ -34,7 +34,7 @@ VARIANTS = {
 
 
 def main(argv=None) -> int:
-    from pipeline.bench_quality import _ref_tensor, load_cases, paper_dir, psnr, run_suite
+    from pipeline.bench.quality import _ref_tensor, load_cases, paper_dir, psnr, run_suite
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=None)
     ap.add_argument("--crop", type=int, default=64)

@@ -77,7 +77,7 @@ def default_data_dir() -> Path:
     env = os.environ.get("DIP_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def paper_dir(data: str | os.PathLike | None) -> Path:
@@ -567,8 +567,8 @@ def main(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """`python -m pipeline.bench_quality`: the CLI's options plus --max-steps, --crop, --slots, --seed."""
-    q = argparse.ArgumentParser(prog="python -m pipeline.bench_quality", description=__doc__.splitlines()[0])
+    """`python -m pipeline.bench.quality`: the CLI's options plus --max-steps, --crop, --slots, --seed."""
+    q = argparse.ArgumentParser(prog="python -m pipeline.bench.quality", description=__doc__.splitlines()[0])
     q.add_argument("--suite", choices=("denoise", "sr", "inpaint", "all"), default="all")
     q.add_argument("--data", default=None)
     q.add_argument("--fast", action="store_true")
