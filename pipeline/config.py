@@ -29,6 +29,13 @@ class NetConfig:
     need1x1_up: bool = True
     negative_slope: float = 0.2
     out_channels: int = 3  # set from the image at fit time
+    # "reflect" (the original's reflection padding before every k>1 convolution) or "zero" (the
+    # convolution's own zero padding: no padded copy of the activations is made)
+    pad: str = "reflect"
+    bn_cat: bool = True  # the BatchNorm (no activation) after each scale's concatenation, as the original
+
+    # fields added after results were first made, at the value that means "as before" (FitConfig.identity_dict)
+    LATER_FIELDS = {"pad": "reflect", "bn_cat": True}
 
     def __post_init__(self):
         n = len(self.channels_down)
@@ -36,6 +43,8 @@ class NetConfig:
             raise ValueError("channels_down, channels_up and channels_skip need the same non-zero length")
         if self.upsample not in ("bilinear", "nearest"):
             raise ValueError(f"upsample must be 'bilinear' or 'nearest', not {self.upsample!r}")
+        if self.pad not in ("reflect", "zero"):
+            raise ValueError(f"pad must be 'reflect' or 'zero', not {self.pad!r}")
         for k in (self.filter_down, self.filter_up, self.filter_skip):
             if k % 2 != 1:
                 raise ValueError("filter sizes must be odd")
@@ -92,6 +101,18 @@ class FitConfig:
     # denoising crops two fits gave +0.46 dB over one, for twice the work; docs/stopping.md). The members
     # are fitted together, like the tiles of one image (pipeline.tiling), and exported as one model each.
     ensemble: int = 1
+    # The optimiser and its schedule. "adam" (the original's) or "radam" (rectified Adam: plain momentum
+    # SGD until the variance estimate is reliable). The learning rate of a step t (1, 2, ...) is
+    # lr * min(1, t / lr_warmup) * lr_decay ** floor((t - 1) / lr_decay_every) (no warm-up when
+    # lr_warmup is 0, no decay when lr_decay_every is 0).
+    optimizer: str = "adam"
+    lr_warmup: int = 0
+    lr_decay: float = 1.0
+    lr_decay_every: int = 0
+    # With ema_warmup the output average's decay is min(ema, (1 + t) / (10 + t)) at step t, so a short fit's
+    # average is not dominated by its first, blurry outputs (0.99 ** 100 = 0.37 of the weight is still on
+    # the first 100 steps after 100 steps); False: the constant ema, as the original.
+    ema_warmup: bool = False
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -116,6 +137,10 @@ class FitConfig:
             raise ValueError("distill_steps must be >= 0")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError("ema must be in [0, 1)")
+        if self.optimizer not in ("adam", "radam"):
+            raise ValueError(f"optimizer must be 'adam' or 'radam', not {self.optimizer!r}")
+        if self.lr_warmup < 0 or self.lr_decay_every < 0 or not 0.0 < self.lr_decay <= 1.0:
+            raise ValueError("lr_warmup and lr_decay_every must be >= 0 and lr_decay in (0, 1]")
 
     @property
     def renders_saved_image(self) -> bool:
@@ -128,14 +153,17 @@ class FitConfig:
 
     # Fields added after results were first made, with the value that means "as before": the job's hash
     # of a config leaves them out at that value, so a rerun after an upgrade still skips what is done.
-    LATER_FIELDS = {"ensemble": 1}
+    LATER_FIELDS = {"ensemble": 1, "optimizer": "adam", "lr_warmup": 0, "lr_decay": 1.0, "lr_decay_every": 0,
+                    "ema_warmup": False}
 
     def identity_dict(self) -> dict:
-        """:meth:`to_dict` less the later fields at their neutral value: what the job hashes."""
+        """:meth:`to_dict` less the later fields (also the network's) at their neutral value: what the job
+        hashes."""
         d = self.to_dict()
-        for k, v in self.LATER_FIELDS.items():
-            if d.get(k) == v:
-                d.pop(k)
+        for fields, values in ((d, self.LATER_FIELDS), (d["net"], NetConfig.LATER_FIELDS)):
+            for k, v in values.items():
+                if fields.get(k) == v:
+                    fields.pop(k)
         return d
 
     @classmethod

@@ -28,7 +28,8 @@ walks the same architecture as :class:`RenderGenerator`; the tests hold both to 
   de-duplicates equal-valued initializers and emits a shape sub-graph for every reflection pad, while the
   dynamo path takes seconds per file and also rewrites the weights. Hence the direct builder.)
 - reflection padding (``F.pad(mode="reflect")``) is ``Pad(mode="reflect")`` with constant int64 pads;
-  convolutions then run with ``pads=0``.
+  convolutions then run with ``pads=0``. A network with ``pad="zero"`` has no Pad nodes: its convolutions
+  pad with zeros themselves (``pads=[p, p, p, p]``).
 - upsampling: bilinear is ``Resize(mode="linear", coordinate_transformation_mode="half_pixel")`` (= torch
   ``align_corners=False``); nearest is ``Resize(mode="nearest", "asymmetric", nearest_mode="floor")``.
 - the crop from the canvas (a multiple of 2**scales, padded at the bottom/right) to the output size
@@ -231,12 +232,14 @@ class _GraphBuilder:
         cout, _cin, k, _ = w.shape
         C, H, W = shape
         p = (k - 1) // 2
-        if k > 1:
+        zero = self.g.net.pad == "zero"
+        if k > 1 and not zero:
             pads = self.const(f"pads_{p}", np.array([0, 0, p, p, 0, 0, p, p], np.int64))
             x = self.node("Pad", [x, pads], mode="reflect")
-            H, W = H + 2 * p, W + 2 * p
+        H, W = H + 2 * p, W + 2 * p  # padded, by the Pad node or by the convolution itself
         y = self.node("Conv", [x, self.tensor(f"{name}.w"), self.tensor(f"{name}.b")],
-                      kernel_shape=[k, k], strides=[stride, stride], pads=[0, 0, 0, 0], group=1)
+                      kernel_shape=[k, k], strides=[stride, stride], pads=[p] * 4 if zero else [0, 0, 0, 0],
+                      group=1)
         return y, (cout, (H - k) // stride + 1, (W - k) // stride + 1)
 
     def bn_act(self, x, name, act=True):
@@ -281,7 +284,7 @@ class _GraphBuilder:
             h, w = min(ss[1], ds[1]), min(ss[2], ds[2])
             d = self.node("Concat", [self.crop(s, ss, h, w), self.crop(d, ds, h, w)], axis=1)
             ds = (ss[0] + ds[0], h, w)
-        y = self.bn_act(d, f"s{i}.cat_bn", act=False)
+        y = self.bn_act(d, f"s{i}.cat_bn", act=False) if net.bn_cat else d
         y, ys = self.conv(y, ds, f"s{i}.up")
         y = self.bn_act(y, f"s{i}.up_bn")
         if net.need1x1_up:

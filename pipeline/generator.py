@@ -15,7 +15,8 @@ Per scale ``i`` (models/skip.py):
     deeper = [conv s2 (filter_down) -> BN -> act -> conv (filter_down) -> BN -> act -> scale i+1] -> up x2
     skip   = conv (filter_skip) -> BN -> act                      (when channels_skip[i] > 0)
     y = BN(concat(skip, deeper)) -> conv (filter_up) -> BN -> act [-> conv 1x1 -> BN -> act]
-and the output is ``sigmoid(conv1x1(y_0))``. Convolutions pad by reflection.
+and the output is ``sigmoid(conv1x1(y_0))``. Convolutions pad by reflection (``NetConfig.pad="zero"``: with
+zeros, inside the convolution); ``NetConfig.bn_cat=False`` leaves out the BN after the concatenation.
 """
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def build_specs(net: NetConfig, slots: int) -> list[ParamSpec]:
         bn(f"s{i}.down_bn", cd)
         conv(f"s{i}.down2", cd, cd, net.filter_down)
         bn(f"s{i}.down2_bn", cd)
-        bn(f"s{i}.cat_bn", cs + k)
+        if net.bn_cat:
+            bn(f"s{i}.cat_bn", cs + k)
         conv(f"s{i}.up", cs + k, cu, net.filter_up)
         bn(f"s{i}.up_bn", cu)
         if net.need1x1_up:
@@ -200,10 +202,13 @@ class SkipGenerator(nn.Module):
         net = self.net
         slope = net.negative_slope
 
+        zero_pad = net.pad == "zero"
+
         def conv(x, name, stride=1):
             w = P[f"{name}.w"]
             k = w.shape[-1]
-            if k > 1:
+            p = (k - 1) // 2 if zero_pad else 0
+            if k > 1 and not zero_pad:
                 x = F.pad(x, ((k - 1) // 2,) * 4, mode="reflect")
             if B > 1 and not self.grouped:
                 # On the CPU a loop of per-slot convolutions costs the same as one grouped convolution
@@ -212,8 +217,8 @@ class SkipGenerator(nn.Module):
                 # has its fastest kernels; whether that beats one grouped launch is measured by
                 # `dip bench speed --conv grouped,loop`.
                 xs, ws, bs = x.chunk(B, 1), w.chunk(B, 0), P[f"{name}.b"].chunk(B, 0)
-                return torch.cat([F.conv2d(xs[s], ws[s], bs[s], stride=stride) for s in range(B)], 1)
-            return F.conv2d(x, w, P[f"{name}.b"], stride=stride, groups=B)
+                return torch.cat([F.conv2d(xs[s], ws[s], bs[s], stride=stride, padding=p) for s in range(B)], 1)
+            return F.conv2d(x, w, P[f"{name}.b"], stride=stride, padding=p, groups=B)
 
         def bn_act(x, name, act=True):
             if bn_frozen is not None:
@@ -245,7 +250,7 @@ class SkipGenerator(nn.Module):
             if net.channels_skip[i]:
                 s = bn_act(conv(x, f"s{i}.skip"), f"s{i}.skip_bn")
                 d = concat(s, d)
-            y = bn_act(d, f"s{i}.cat_bn", act=False)
+            y = bn_act(d, f"s{i}.cat_bn", act=False) if net.bn_cat else d
             y = bn_act(conv(y, f"s{i}.up"), f"s{i}.up_bn")
             if net.need1x1_up:
                 y = bn_act(conv(y, f"s{i}.up1x1"), f"s{i}.up1x1_bn")

@@ -526,3 +526,50 @@ def test_a_later_config_field_at_its_neutral_value_leaves_the_job_hash_as_it_was
     before = {k: v for k, v in cfg.to_dict().items() if k != "ensemble"}  # the dict an older dip hashed
     assert cfg.to_dict()["ensemble"] == 1 and cfg.identity_dict() == before
     assert cfg.replace(ensemble=2).identity_dict() == {**before, "ensemble": 2}
+
+
+# ---- the optimiser, its schedule and the lighter networks (issue 16) ------------------------------------
+@pytest.mark.parametrize("opt", ["adam", "radam"])
+def test_optimizer_update_matches_torch_optim_with_its_schedule(opt):
+    """pipeline.engine.optimizer_update against torch.optim.Adam / RAdam with the same gradients, and
+    the warm-up and step decay of lr_schedule against a LambdaLR doing the same (12 steps: RAdam's
+    plain-momentum phase and its rectified one)."""
+    from pipeline.config import NetConfig
+    from pipeline.engine import optimizer_update
+    net = NetConfig(input_depth=2, channels_down=(4,), channels_up=(4,), channels_skip=(2,))
+    cfg = make_config("denoise").replace(net=net, optimizer=opt, lr=0.05, lr_warmup=3, lr_decay=0.5,
+                                         lr_decay_every=4)
+    G = SkipGenerator(net, 1)  # weights from 0: what is compared is the sum of the updates, to float rounding
+    ref = torch.nn.Parameter(G.flat.detach().clone())
+    klass = torch.optim.RAdam if opt == "radam" else torch.optim.Adam
+    o = klass([ref], lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    sched = torch.optim.lr_scheduler.LambdaLR(o, lambda k: min(1.0, (k + 1) / 3) * 0.5 ** (k // 4))
+    m, v = torch.zeros_like(G.flat), torch.zeros_like(G.flat)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(1, 13):
+        g = torch.randn(G.flat.shape, generator=gen) * 10 ** (t % 3 - 1)
+        G.flat_grad.copy_(g)
+        optimizer_update(cfg, G, m, v, torch.tensor([cfg.lr]), torch.tensor([float(t)]))
+        ref.grad = g.clone()
+        before = ref.detach().clone()
+        o.step()
+        sched.step()
+        step = float((ref.detach() - before).abs().max())  # this step's largest update
+        err = float((G.flat - ref.detach()).abs().max())
+        # float32 rounding of the weights themselves (up to ~0.7 after RAdam's momentum phase), and of a step
+        assert err <= 1e-3 * step + 1e-5 * float(ref.detach().abs().max()), (opt, t, err, step)
+
+
+def test_lighter_network_options_and_schedules_fit_and_hash_as_before():
+    """Zero padding, no BN after the concatenation, RAdam with warm-up and decay and the warm-up average
+    all fit (and denoise); the job's hash of a default config is what it was before these fields."""
+    gt = f16_crop(h=32, w=32)
+    y = noisy(gt)
+    r = restore(y, preset="fast", steps=150, seed=0, device="cpu", net={"pad": "zero", "bn_cat": False},
+                optimizer="radam", lr=0.02, lr_warmup=20, lr_decay=0.7, lr_decay_every=50, ema_warmup=True)
+    assert psnr(r.pixels, gt) > psnr(y, gt) + 2
+    assert r.record()["config"]["net"]["pad"] == "zero"
+    d = make_config("denoise").identity_dict()
+    assert not {"optimizer", "lr_warmup", "lr_decay", "lr_decay_every", "ema_warmup"} & set(d)
+    assert not {"pad", "bn_cat"} & set(d["net"])
+    assert make_config("denoise", net={"pad": "zero"}).identity_dict()["net"]["pad"] == "zero"

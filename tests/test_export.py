@@ -150,9 +150,12 @@ def test_file_holds_the_generator(rgb):
               out_channels=1),
     NetConfig(input_depth=4, channels_down=(8, 8, 16), channels_up=(8, 8, 16), channels_skip=(2, 0, 2),
               upsample="nearest", need1x1_up=False, filter_skip=3, out_channels=3),
+    NetConfig(input_depth=4, channels_down=(8, 16, 16), channels_up=(8, 16, 16), channels_skip=(4, 4, 4),
+              pad="zero", bn_cat=False, out_channels=3),
 ])
 def test_other_architectures_random_weights(net, tmp_path):
-    """Nearest upsampling, no skips, 3x3 skips, no 1x1: parity on untrained weights (no fit needed)."""
+    """Nearest upsampling, no skips, 3x3 skips, no 1x1, zero padding, no BN after the concatenation: parity
+    on untrained weights (no fit needed)."""
     kind = "meshgrid" if net.input_depth == 2 else "noise"
     cfg = make_config("inpaint", preset="inpaint-object").replace(net=net, input_kind=kind)
     specs = build_specs(net, 1)
