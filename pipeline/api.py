@@ -23,6 +23,7 @@ import numpy as np
 from pipeline.config import FitConfig, make_config
 from pipeline.io import (ImageData, ImageError, MIN_SIDE, file_sha256, load_image, load_mask, meta_summary, save_image,
                          scaled_meta, write_json)
+from pipeline.work import work_record
 
 log = logging.getLogger("dip")
 VERSION = "0.1.0"
@@ -246,6 +247,9 @@ def from_fit(p: Problem, fit, device: str) -> Result:
     res = Result(problem=p, image=img, steps=fit.steps, seconds=fit.seconds, loss=fit.loss.tolist(),
                  restores=fit.restores, stop_reason=fit.stop_reason, device=device, extra=dict(fit.extra),
                  weights=fit.weights, z=fit.z)
+    canvas = tuple(fit.extra.get("batch", {}).get("canvas") or p.canvas)  # the canvas it was fitted on
+    ran = fit.steps + int(fit.extra.get("distill", {}).get("steps", 0))
+    res.extra["work"] = work_record(p.cfg, canvas, p.image.channels, ran)
     if fit.psnr_trace:
         res.extra["psnr_trace"] = [[int(s), round(float(v), 4)] for s, v in fit.psnr_trace]
     if p.reference is not None:

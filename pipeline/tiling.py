@@ -52,6 +52,7 @@ import numpy as np
 from pipeline.api import VERSION, Problem, Result, canvas_multiple, output_image
 from pipeline.api import metrics as _metrics
 from pipeline.io import ImageData, ImageError, encode_meta
+from pipeline.work import add_work
 
 log = logging.getLogger("dip.tiling")
 
@@ -472,6 +473,9 @@ class Merger:
                           stop_reason=reasons[0] if len(reasons) == 1 else "mixed",
                           device=device or (rs[0].device if rs else ""), extra={"tiling": tiling},
                           layout=lay, tiles=self.results)
+        work = add_work([r.extra.get("work") for r in rs])  # every fitted tile and ensemble member
+        if work:
+            res.extra["work"] = work
         if p.reference is not None:
             res.metrics = _metrics(img, p.reference)
         return res

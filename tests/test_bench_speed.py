@@ -1,14 +1,55 @@
 """dip bench speed runs end to end on the CPU and reports every configuration it measured."""
 import json
 
-from pipeline.bench.speed import conv_flops
+import pytest
+
 from pipeline.cli import main
-from pipeline.config import PRESETS
+from pipeline.config import PRESETS, NetConfig, make_config
+from pipeline.work import add_work, cost_for, step_cost
 
 
 def test_flop_count_matches_the_measured_original():
-    # the issue's profile: 460 GFLOP for forward + backward of the paper's net at 512^2
-    assert abs(3 * conv_flops(PRESETS["denoise"], 512, 512) / 1e9 - 465.0) < 1.0
+    # the issue-3 profile of the original: 460 GFLOP for forward + backward of the paper's net at 512^2
+    assert abs(cost_for(PRESETS["denoise"], (512, 512), 3).flops / 1e9 - 460.3) < 0.5
+
+
+def test_flop_count_by_hand_for_a_small_network():
+    """One scale, 8x8 canvas: MACs per convolution, x2 FLOPs, x3 with the backward (x2 for the two that read
+    z, which needs no gradient)."""
+    net = NetConfig(input_depth=2, channels_down=(4,), channels_up=(4,), channels_skip=(2,))
+    c = step_cost(net, (8, 8))
+    macs = {"down (reads z)": 2 * 4 * 9 * 4 * 4, "down2": 4 * 4 * 9 * 4 * 4, "skip (reads z)": 2 * 2 * 1 * 8 * 8,
+            "up": 6 * 4 * 9 * 8 * 8, "up1x1": 4 * 4 * 8 * 8, "out": 4 * 3 * 8 * 8}
+    want = sum(2 * m * (2 if "reads z" in k else 3) for k, m in macs.items())
+    assert c.flops == want == 113152
+    assert c.params == 76 + 8 + 148 + 8 + 6 + 4 + 12 + 220 + 8 + 20 + 8 + 15  # weights, biases, BN affine
+    # zero padding and no BN after the concatenation: same arithmetic, fewer bytes
+    lean = step_cost(NetConfig(input_depth=2, channels_down=(4,), channels_up=(4,), channels_skip=(2,),
+                               pad="zero", bn_cat=False), (8, 8))
+    assert lean.flops == c.flops and lean.bytes < c.bytes and lean.params == c.params - 12
+
+
+@pytest.mark.parametrize("task,preset,scale,side", [("denoise", "fast", None, 32), ("sr", "sr4", 4, 64),
+                                                    ("inpaint", "inpaint", None, 64)])
+def test_flop_count_equals_torch_flop_counter_on_a_real_step(task, preset, scale, side):
+    import numpy as np
+    from torch.utils.flop_counter import FlopCounterMode
+    from pipeline.engine import BatchedFitter, FitItem
+    cfg = make_config(task, preset=preset, scale=scale, net={"pad": "zero"})
+    f = scale or 1
+    fit = BatchedFitter(cfg, (side, side), 3, 1, "cpu")
+    h = side // f
+    fit.load(0, FitItem(0, np.random.rand(3, h, h).astype(np.float32), np.ones((1, h, h), np.float32)))
+    with FlopCounterMode(display=False) as fc:
+        fit.step()
+    assert fc.get_total_flops() == cost_for(cfg, (side, side), 3).flops
+
+
+def test_work_of_an_image_of_several_fits_adds_up():
+    a = {"params": 10, "gflop_per_step": 1.0, "bytes_per_step": 100, "steps": 10, "gflop": 10.0}
+    b = {"params": 10, "gflop_per_step": 3.0, "bytes_per_step": 300, "steps": 30, "gflop": 90.0}
+    w = add_work([a, b, None])
+    assert w == {"params": 10, "gflop_per_step": 2.5, "bytes_per_step": 250, "steps": 40, "gflop": 100.0, "fits": 2}
 
 
 def test_bench_speed_cpu(tmp_path, capsys):

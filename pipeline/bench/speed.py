@@ -3,7 +3,8 @@
 The single fit is the engine with one slot in TF32 (what the original ran: cuDNN convolutions in TF32
 are PyTorch's default). The batched runs step B fits at once. Reported per configuration: the time of
 one step, fit-steps/s, images/hour for the preset's step count, the ratio to the single fit, the
-achieved TFLOP/s against an analytic FLOP count, and the peak memory per fit.
+achieved TFLOP/s against the analytic FLOP count of pipeline.work, and the peak memory per fit. The
+header gives the work of one fit-step: parameters, GFLOP and modelled bytes (pipeline.work).
 
 ``--conv grouped,loop`` times both ways of running the B slots' convolutions (one grouped convolution,
 or one ordinary convolution per slot). ``--profile N`` profiles N more steps of every batched
@@ -17,31 +18,6 @@ import sys
 import time
 
 import numpy as np
-
-
-def conv_flops(cfg, h: int, w: int, channels: int = 3) -> float:
-    """Forward FLOPs of one generator at h x w (2 per multiply-add, convolutions only)."""
-    from pipeline.generator import build_specs
-    flops = 0.0
-    res = {}
-    # resolution of each conv: scale i works at h/2**i (input side), down convs output h/2**(i+1)
-    for sp in build_specs(cfg.net.with_channels(channels), 1):
-        if sp.kind != "conv_w":
-            continue
-        cout, cin, k, _ = sp.shape
-        name = sp.name.split(".")[0]
-        if name == "out":
-            oh, ow = h, w
-        else:
-            i = int(name[1:])
-            part = sp.name.split(".")[1]
-            if part in ("down", "down2"):
-                oh, ow = h // 2 ** (i + 1), w // 2 ** (i + 1)
-            else:
-                oh, ow = h // 2 ** i, w // 2 ** i
-        res[sp.name] = (oh, ow)
-        flops += 2.0 * cin * cout * k * k * oh * ow
-    return flops
 
 
 # kinds of kernel / operator, matched in this order against the lower-cased name
@@ -137,7 +113,8 @@ def time_config(cfg, size: int, slots: int, steps: int, device, warmup: int = 3,
         torch.cuda.synchronize(dev)
     dt = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
-    fl = 3.0 * conv_flops(cfg, size, size) * slots  # forward + backward (2x forward)
+    from pipeline.work import cost_for
+    fl = cost_for(cfg, (size, size), 3).flops * slots  # forward + backward (pipeline.work)
     row = {
         "precision": cfg.precision, "size": size, "slots": slots, "conv": "grouped" if fit.G.grouped else "loop",
         "step_ms": round(dt * 1e3, 3),
@@ -171,8 +148,11 @@ def speed_main(args) -> int:
             return 2
     n_prof = int(getattr(args, "profile", 0) or 0)
     rows = []
-    print(f"device {torch.cuda.get_device_name(dev) if cuda else 'cpu'}, preset {preset}, {size}x{size}, "
-          f"{3 * conv_flops(base, size, size) / 1e9:.1f} GFLOP/step/fit")
+    from pipeline.work import cost_for
+    cost = cost_for(base, (size, size), 3)
+    print(f"device {torch.cuda.get_device_name(dev) if cuda else 'cpu'}, preset {preset}, {size}x{size}: "
+          f"{cost.params:,} parameters, {cost.flops / 1e9:.2f} GFLOP and {cost.bytes / 1e6:.0f} MB (modelled) "
+          f"per fit-step, {cost.flops * base.steps / 1e9:,.0f} GFLOP for the preset's {base.steps} steps")
     print(f"{'configuration':36s} {'ms/step':>9s} {'fit-steps/s':>12s} {'images/h':>9s} {'x single':>9s} "
           f"{'TFLOP/s':>8s} {'GiB/fit':>8s}", flush=True)
 
@@ -213,7 +193,7 @@ def speed_main(args) -> int:
                     show_profile(r["profile"])
     out = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "preset": preset, "size": size,
            "steps_timed": steps, "preset_steps": base.steps,
-           "gflop_per_step_per_fit": round(3 * conv_flops(base, size, size) / 1e9, 1), "rows": rows,
+           "work": cost.record(base.steps), "rows": rows,
            "torch": torch.__version__}
     if args.json:
         with open(args.json, "w") as f:
