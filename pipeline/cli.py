@@ -125,11 +125,21 @@ def _add_bench(sub):
     q.add_argument("--device", default="auto")
     q.add_argument("--json", metavar="PATH")
     q.set_defaults(func=_run_bench_quality)
+    from pipeline.bench.study import build_parser as study_parser  # stdlib imports only
+    st = bs.add_parser("study", help="the efficiency study: variants of the presets against the paper's, "
+                                     "PSNR and work per image, resumable")
+    study_parser(st)
+    st.set_defaults(func=_run_bench_study)
 
 
 def _run_bench_speed(args) -> int:
     from pipeline.bench import speed as bench
     return bench.speed_main(args)
+
+
+def _run_bench_study(args) -> int:
+    from pipeline.bench import study
+    return study.main(args)
 
 
 def _run_bench_quality(args) -> int:

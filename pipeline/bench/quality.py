@@ -142,9 +142,22 @@ def _crop(a: np.ndarray, size: int | None) -> np.ndarray:
     return a[y:y + s0, x:x + s1]
 
 
+def synthetic_noisy(gt: np.ndarray, sigma: float, name: str) -> np.ndarray:
+    """``gt`` (uint8) plus Gaussian noise of ``sigma`` (on the 0..255 scale), clipped and rounded to 8 bits
+    as the authors' noisy PNGs are; the noise is seeded by the image's name and sigma, so every run and
+    every crop of the same image gets the same draw."""
+    import zlib
+    rng = np.random.default_rng(zlib.crc32(f"dip-noise:{name}:{sigma:g}".encode()))
+    noisy = gt.astype(np.float64) + rng.normal(0.0, sigma, gt.shape)
+    return np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+
+
 def load_cases(suite: str, root: Path, limit: int | None = None, crop: int | None = None,
-               only: list[str] | None = None) -> list[Case]:
-    """The suite's images (sorted by name, case-insensitively); ``only``: just these names."""
+               only: list[str] | None = None, sigma: float | None = None) -> list[Case]:
+    """The suite's images (sorted by name, case-insensitively); ``only``: just these names.
+
+    ``sigma`` (denoising only): instead of the authors' sigma=25 noisy images, the ground truth (cropped)
+    with noise of this sigma (:func:`synthetic_noisy`)."""
     from PIL import Image
     d = root / SUITE_DIRS[suite]
     if not d.is_dir():
@@ -157,7 +170,10 @@ def load_cases(suite: str, root: Path, limit: int | None = None, crop: int | Non
     for gt_path in gts:
         name = gt_path.name[:-len("_GT.png")]
         gt = _load(gt_path)
-        if suite == "denoise":
+        if suite == "denoise" and sigma is not None:
+            ref = _crop(gt, crop)
+            cases.append(Case(suite, name, synthetic_noisy(ref, sigma, name), ref, meta={"sigma": sigma}))
+        elif suite == "denoise":
             noisy_path = d / f"{name}_noisy.png"
             if not noisy_path.is_file():
                 continue
@@ -205,8 +221,10 @@ class EvalStopper:
     the whole VAR trace (a never-stopping copy of the rule) so that other rule settings can be replayed
     afterwards (:func:`replay_variants`)."""
 
-    def __init__(self, stop_config, item=None, y_border: int | None = None, keep_images: bool = False):
+    def __init__(self, stop_config, item=None, y_border: int | None = None, keep_images: bool = False,
+                 margin: int | None = None):
         from pipeline.stopping import WMVStopper, stopper_for_item
+        self.margin = margin  # with a margin: end the fit this many steps after the rule fired (None: never)
         self.rule = stopper_for_item(stop_config, item)
         self.shadow = WMVStopper(stop_config.replace(patience=10 ** 9, rel_tol=0.0, smooth=1))
         self.y_border = y_border
@@ -251,7 +269,7 @@ class EvalStopper:
                 self.oracle = (int(step), p)
                 if self.keep_images:
                     self.images["oracle"] = image.detach().cpu().clone()
-        return False
+        return self.margin is not None and self.fired and step >= self.auto["stopped_at"] + self.margin
 
     def summary(self) -> dict:
         if not self.fired and self.rule.fallback_image is not None:  # the rule's fallback at the cap
@@ -329,23 +347,27 @@ def replay_discrepancy(row: dict, factors=DISCREPANCY, smooth: int = DISCREPANCY
     return out
 
 
-def eval_factory(stop_config, y_border, keep_images: bool = False):
+def eval_factory(stop_config, y_border, keep_images: bool = False, margin: int | None = None):
     def factory(item=None):
-        return EvalStopper(stop_config, item, y_border, keep_images)
+        return EvalStopper(stop_config, item, y_border, keep_images, margin)
     return factory
 
 
 # ---- running a suite ------------------------------------------------------------------------------------
 def run_suite(suite: str, cases: list[Case], device="auto", fast: bool = False, max_steps: int | None = None,
               slots: int | None = None, seed: int = 0, check_every: int = 50,
-              overrides: dict | None = None, images: dict | None = None) -> dict:
+              overrides: dict | None = None, images: dict | None = None, preset: str | None = None,
+              stop_overrides: dict | None = None, stop_margin: int | None = None) -> dict:
     """Fit every case once and score it. ``overrides``: config fields for every problem (e.g.
     ``{"reg_noise_std": 0.0}`` or ``{"net": {"upsample": "nearest"}}``); ``images``: a dict that receives
     each case's images, name -> {"auto": the auto-stopped image, "oracle": the best-scoring checked one,
-    "final": the last}, each (H, W, C) float32, for scores computed outside (ensembles)."""
+    "final": the last}, each (H, W, C) float32, for scores computed outside (ensembles). ``preset``:
+    another preset than the suite's paper one; ``stop_overrides``: StopConfig fields for the rule;
+    ``stop_margin``: end each fit this many steps after its rule fired instead of at the cap (the oracle
+    is then the best image up to there)."""
     from pipeline.api import fit_problems, make_problem
     from pipeline.stopping import estimate_sigma, stop_config_for
-    preset = "fast" if fast else SUITE_PRESETS[suite]
+    preset = preset or ("fast" if fast else SUITE_PRESETS[suite])
     task = SUITE_TASKS[suite]
     over = {}
     if fast:
@@ -367,11 +389,11 @@ def run_suite(suite: str, cases: list[Case], device="auto", fast: bool = False, 
     if check_every != 50:
         log.warning("the engine checks every 50 steps through fit_problems; check_every=%d ignored", check_every)
         check_every = 50
-    stop_cfg = stop_config_for(cfg, check_every=check_every)
+    stop_cfg = stop_config_for(cfg, check_every=check_every, **(stop_overrides or {}))
     if fast:  # a handful of checks: only exercise the machinery
         stop_cfg = stop_cfg.replace(window=2, patience=1, min_steps=0)
     y_border = SR_BORDER if suite == "sr" else None
-    factory = eval_factory(stop_cfg, y_border, keep_images=images is not None)
+    factory = eval_factory(stop_cfg, y_border, keep_images=images is not None, margin=stop_margin)
     rows: list[dict | None] = [None] * len(problems)
     t0 = time.perf_counter()
     # trace_every: the engine hands the references to the fit items (and so to the stoppers) only with a
@@ -413,6 +435,7 @@ def run_suite(suite: str, cases: list[Case], device="auto", fast: bool = False, 
             BASELINE_NAME[suite]: (round(c.baseline, 4) if c.baseline is not None
                                    else (None if fast else base_paper)),
             "restores": r.restores,
+            "work": r.extra.get("work"),
             "metric_trace": ev.get("metric_trace", []),
             "var_trace": ev.get("var_trace", []),
             "psnr_trace": r.extra.get("psnr_trace", []),

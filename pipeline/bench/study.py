@@ -1,0 +1,378 @@
+"""`dip bench study`: the efficiency study (issue 16): the paper's quality for less work, measured on crops.
+
+An image's cost is its steps times the work of one step (pipeline.work), the same on every device. This
+bench fits variants of the presets (a lighter network, another schedule, an ensemble of light fits...)
+to the paper's sets, beside the paper's own preset in the same run, and records per variant and image:
+the PSNR with auto-stop (no ground truth) and at the oracle step, the steps a real run would take
+(auto-stop's stop, plus the distillation), the GFLOP of that run, and its CPU seconds. Classical
+anchors run on the same crops: BM3D for denoising (the ``bm3d`` package, an extra: ``pip install
+'dip[bench]'``), bicubic for super-resolution, biharmonic inpainting (scikit-image) for inpainting.
+
+Resumable. Every (suite, noise level, crop, variant, image) is one row of a JSONL file, appended (and
+flushed) as soon as it is measured; a run skips the rows its file already has, so a stopped run loses
+at most the image it was fitting, and the same command goes on where it stopped.
+
+Choose on one part, report on the other. Every suite's images are split once, here (``SPLIT``), into a
+``tune`` part, on which variants are compared and chosen, and a ``held`` part, which is only fitted with
+the chosen presets and the paper's, for the report. ``--part`` picks the part.
+
+How each row is measured. One fit per (image, seed) runs until the auto-stop rule fired plus
+``--margin`` steps (default 1000; or to the cap, whichever comes first), without distillation (its
+steps are counted, not run): the rule's choice, the best checked image (the oracle, every 50 steps) and
+the steps come from the same trajectory (pipeline.bench.quality.EvalStopper). An ensemble of K fits is
+scored on the mean of its members' images and costs the sum of their work. CPU seconds are the fit's
+process time scaled to the steps a real run takes (run it with one thread: ``--threads 1``, the
+default, and one process per core).
+
+    dip bench study --suite denoise --part tune --variants paper,w64 --crop 64 --out docs/study/study.jsonl
+    dip bench study --table docs/study/study.jsonl            # the tables, from the file alone
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("dip.bench")
+
+# The split, fixed before any variant was measured. Tuning: the four denoising images the earlier knob
+# study used (docs/stopping.md), the two Set5 images and two inpainting images of the stopping study, and
+# two more inpainting images (house: smooth; peppers256: edges). The rest is held out.
+SPLIT = {
+    "denoise": {"tune": ["F16", "baboon", "kodim03", "lena"],
+                "held": ["hill", "kodim01", "kodim02", "kodim12", "peppers"]},
+    "sr": {"tune": ["baby", "bird"], "held": ["butterfly", "head", "woman"]},
+    "inpaint": {"tune": ["barbara", "boat", "house", "peppers256"],
+                "held": ["Cameraman256", "couple", "fingerprint", "hill", "Lena512", "man", "montage"]},
+}
+ANCHORS = {"denoise": "bm3d", "sr": "bicubic", "inpaint": "biharmonic"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A preset (None: the suite's paper preset) with config overrides (``net``: NetConfig fields), its
+    auto-stop rule's overrides, and K: fits averaged per image."""
+
+    name: str
+    preset: str | None = None
+    over: dict = field(default_factory=dict)
+    stop: dict = field(default_factory=dict)
+    k: int = 1
+    note: str = ""
+
+
+def _w(c: int, scales: int = 5) -> dict:
+    return {"channels_down": (c,) * scales, "channels_up": (c,) * scales}
+
+
+def _v(name, note, preset=None, k=1, stop=None, **over) -> Variant:
+    return Variant(name, preset, over, stop or {}, k, note)
+
+
+# The candidates of issue 16, each alone against the paper preset ("paper"), then combined. Names are
+# short: they are the table's rows. Time scales of the stopping rule follow the schedule where it changes.
+CANDIDATES = [
+    _v("paper", "the suite's paper preset (the baseline)"),
+    # the optimiser and its schedule
+    _v("lr2x", "learning rate x2", lr=None),  # filled per suite: twice the preset's
+    _v("radam", "RAdam, lr 0.1, x0.9 every 300 steps (DIP-SURE)", optimizer="radam", lr=0.1, lr_decay=0.9,
+       lr_decay_every=300),
+    _v("warmup", "Adam with a 100-step linear warm-up", lr_warmup=100),
+    _v("emawarm", "output average with a warm-up of its decay", ema_warmup=True),
+    # the network
+    _v("w96", "96 channels a scale", net=_w(96)),
+    _v("w64", "64 channels a scale", net=_w(64)),
+    _v("w48", "48 channels a scale", net=_w(48)),
+    _v("w32", "32 channels a scale", net=_w(32)),
+    _v("s4", "4 scales", net={**_w(128, 4), "channels_skip": (4,) * 4}),
+    _v("zeropad", "zero padding instead of reflection", net={"pad": "zero"}),
+    _v("nocatbn", "no BatchNorm after the concatenations", net={"bn_cat": False}),
+    _v("no1x1", "no 1x1 convolution after each up block", net={"need1x1_up": False}),
+    _v("nearest", "nearest upsampling", net={"upsample": "nearest"}),
+    _v("d8", "input depth 8", net={"input_depth": 8}),
+    _v("w64x2", "two fits of 64 channels, averaged", k=2, net=_w(64)),
+]
+
+
+def variants_for(suite: str, names: list[str] | None, extra: dict | None = None) -> list[Variant]:
+    """The named variants for a suite (all candidates when ``names`` is None), with the suite-dependent
+    fields filled in; ``extra``: more variants by name (the study's combinations, the new presets)."""
+    from pipeline.bench.quality import SUITE_PRESETS
+    from pipeline.config import PRESETS
+    base = PRESETS[SUITE_PRESETS[suite]]
+    pool = {v.name: v for v in CANDIDATES}
+    pool.update(extra or {})
+    pool.update(COMBINED.get(suite, {}))
+    out = []
+    for n in names or [v.name for v in CANDIDATES]:
+        if n in ANCHORS.values():  # each suite has its own anchor; the others' are not for it
+            if n == ANCHORS[suite]:
+                out.append(Variant(n, note="classical anchor"))
+            continue
+        if n not in pool:
+            raise ValueError(f"unknown variant {n!r} for {suite}; known: {', '.join(sorted(pool))}, {ANCHORS[suite]}")
+        v = pool[n]
+        if "lr" in v.over and v.over["lr"] is None:
+            v = Variant(v.name, v.preset, {**v.over, "lr": 2 * base.lr}, v.stop, v.k, v.note)
+        out.append(v)
+    return out
+
+
+# Combinations of the winners, per suite (filled in as the study goes: docs/efficiency.md).
+COMBINED: dict[str, dict[str, Variant]] = {}
+
+
+def row_key(r: dict) -> tuple:
+    return r["suite"], r.get("sigma"), r["crop"], r["variant"], r["image"]
+
+
+def read_rows(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    log.warning("%s: a truncated line is ignored (a run was stopped while writing it)", path)
+    return rows
+
+
+def append_row(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row, separators=(",", ":"), default=float) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---- one row --------------------------------------------------------------------------------------------
+def _anchor_row(suite: str, case, sigma: float | None) -> dict:
+    import numpy as np
+    import torch
+    from pipeline.bench.quality import _ref_tensor, psnr
+    t0 = time.process_time()
+    ref = _ref_tensor(case.reference)
+    if suite == "sr":
+        return {"psnr": round(case.baseline, 4), "cpu_s": 0.0}
+    img = case.image.astype(np.float64) / 255.0
+    if suite == "denoise":
+        import bm3d
+        s = (sigma or 25.0) / 255.0  # the true noise level, as BM3D is normally given it
+        out = bm3d.bm3d_rgb(img, s) if img.ndim == 3 else bm3d.bm3d(img, s)
+    else:
+        from skimage.restoration import inpaint_biharmonic
+        out = inpaint_biharmonic(img, case.mask < 0.5, channel_axis=2 if img.ndim == 3 else None)
+    out = np.asarray(out, np.float32)
+    cpu = time.process_time() - t0
+    t = torch.from_numpy(out if out.ndim == 3 else out[:, :, None]).permute(2, 0, 1)
+    return {"psnr": round(psnr(t, ref), 4), "cpu_s": round(cpu, 3)}
+
+
+def _fit_row(suite: str, case, v: Variant, margin: int | None, seed0: int, max_steps: int | None = None) -> dict:
+    """Fit ``case`` with the K members of variant ``v``; the row's measurements."""
+    import numpy as np
+    import torch
+    from pipeline.bench.quality import _ref_tensor, psnr, run_suite
+    from pipeline.config import PRESETS
+    from pipeline.engine import distill_steps
+    y_border = 4 if suite == "sr" else None
+    ref = _ref_tensor(case.reference)
+    members, imgs = [], {}
+    over = {**v.over, "distill_steps": 0}  # counted, not run (it does not change the checked images)
+    for k in range(v.k):
+        images: dict = {}
+        t0 = time.process_time()
+        res = run_suite(suite, [case], device="cpu", slots=1, seed=seed0 + k, overrides=over, images=images,
+                        preset=v.preset, stop_overrides=v.stop, stop_margin=margin, max_steps=max_steps)
+        cpu = time.process_time() - t0
+        r = res["images"][0]
+        if "error" in r:
+            raise RuntimeError(r["error"])
+        cfg = PRESETS[res["preset"]].replace(**{f: v.over[f] for f in ("output", "distill_steps") if f in v.over})
+        stop = int(r["auto_stopped_at"])
+        ran = int(r["steps"])
+        real = stop + distill_steps(cfg, stop)  # what `dip restore` would run: to the stop, then distil
+        per = r["work"]["gflop_per_step"]
+        members.append({"seed": seed0 + k, "auto_psnr": r["auto_psnr"], "auto_step": r["auto_step"],
+                        "auto_from": r["auto_from"], "stopped_at": stop, "oracle_psnr": r["oracle_psnr"],
+                        "oracle_step": r["oracle_step"], "ran": ran, "steps": real,
+                        "gflop": round(per * real, 2), "cpu_s_ran": round(cpu, 2),
+                        "cpu_s": round(cpu * real / max(ran, 1), 2),
+                        "var_trace": r["var_trace"], "metric_trace": r["metric_trace"]})
+        imgs[k] = images[case.name]
+        params, gflop_per_step = r["work"]["params"], per
+    row = {"params": params, "gflop_per_step": gflop_per_step, "k": v.k,
+           "steps": sum(m["steps"] for m in members), "gflop": round(sum(m["gflop"] for m in members), 2),
+           "cpu_s": round(sum(m["cpu_s"] for m in members), 2), "members": members}
+    if v.k == 1:
+        row.update(auto_psnr=members[0]["auto_psnr"], oracle_psnr=members[0]["oracle_psnr"])
+    else:
+        def mean_of(kind):
+            a = np.mean([imgs[k][kind] for k in imgs], axis=0)
+            return round(psnr(torch.from_numpy(a).permute(2, 0, 1), ref, y_border), 4)
+        row.update(auto_psnr=mean_of("auto"), oracle_psnr=mean_of("oracle"))
+    return row
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+def run(suites, part: str, names, crop: int, out: Path, sigma: float | None = None, margin: int | None = 1000,
+        seed: int = 0, data=None, max_steps: int | None = None) -> int:
+    from pipeline.bench.quality import load_cases, paper_dir
+    root = paper_dir(data)
+    done = {row_key(r) for r in read_rows(out)}
+    failed = 0
+    for suite in suites:
+        want = SPLIT[suite]["tune"] + SPLIT[suite]["held"] if part == "all" else SPLIT[suite][part]
+        cases = load_cases(suite, root, crop=crop, only=want, sigma=sigma if suite == "denoise" else None)
+        for v in variants_for(suite, names):
+            for c in cases:
+                key = (suite, sigma if suite == "denoise" else None, crop, v.name, c.name)
+                if key in done:
+                    continue
+                t0 = time.time()
+                row = {"suite": suite, "sigma": key[1], "crop": crop, "variant": v.name, "image": c.name,
+                       "part": "tune" if c.name in SPLIT[suite]["tune"] else "held", "note": v.note,
+                       "preset": v.preset, "over": v.over, "stop": v.stop}
+                try:
+                    if v.name == ANCHORS[suite]:
+                        row.update(_anchor_row(suite, c, sigma))
+                    else:
+                        row.update(_fit_row(suite, c, v, margin, seed, max_steps))
+                except Exception as e:  # noqa: BLE001 - one bad row must not end a study of hours
+                    log.error("%s/%s/%s failed: %s", suite, v.name, c.name, e)
+                    failed += 1
+                    continue
+                row.update(margin=margin, seed=seed, max_steps=max_steps, wall_s=round(time.time() - t0, 1),
+                           date=time.strftime("%Y-%m-%d %H:%M"), host=platform.node(),
+                           threads=_threads())
+                append_row(out, row)
+                done.add(key)
+                log.info("%s %s %s: auto %.2f dB, oracle %s dB, %s steps, %s GFLOP, %.0f s", suite, v.name, c.name,
+                         row.get("auto_psnr", row.get("psnr")), row.get("oracle_psnr"), row.get("steps"),
+                         row.get("gflop"), row["wall_s"])
+    return 1 if failed else 0
+
+
+def _threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+# ---- the tables -----------------------------------------------------------------------------------------
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per (suite, sigma, crop, part, variant): means over the images, beside the paper preset's on the
+    same images (only images both have), and the GFLOP ratio."""
+    from collections import defaultdict
+    by = defaultdict(dict)
+    for r in rows:
+        by[(r["suite"], r.get("sigma"), r["crop"], r["part"], r["variant"])][r["image"]] = r
+    out = []
+    for (suite, sigma, crop, part, var), imgs in sorted(by.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        paper = by.get((suite, sigma, crop, part, "paper"), {})
+        names = sorted(imgs)
+        both = [n for n in names if n in paper]
+        s = {"suite": suite, "sigma": sigma, "crop": crop, "part": part, "variant": var, "n": len(names),
+             "images": names}
+        if var == ANCHORS.get(suite):
+            s.update(psnr=_mean([imgs[n]["psnr"] for n in names]), cpu_s=_mean([imgs[n]["cpu_s"] for n in names]))
+        else:
+            s.update(auto=_mean([imgs[n]["auto_psnr"] for n in names]),
+                     oracle=_mean([imgs[n]["oracle_psnr"] for n in names]),
+                     steps=_mean([imgs[n]["steps"] for n in names]), gflop=_mean([imgs[n]["gflop"] for n in names]),
+                     cpu_s=_mean([imgs[n]["cpu_s"] for n in names]), params=imgs[names[0]]["params"])
+            if both and var != "paper":
+                s["d_auto"] = round(_mean([imgs[n]["auto_psnr"] - paper[n]["auto_psnr"] for n in both]), 3)
+                s["gflop_ratio"] = round(sum(imgs[n]["gflop"] for n in both) / sum(paper[n]["gflop"] for n in both), 4)
+                s["vs_paper_on"] = len(both)
+        anchor = by.get((suite, sigma, crop, part, ANCHORS.get(suite)), {})
+        if var != ANCHORS.get(suite) and anchor and all(n in anchor for n in names):
+            s["d_anchor"] = round(_mean([imgs[n].get("auto_psnr", 0) - anchor[n]["psnr"] for n in names]), 3)
+        out.append(s)
+    return out
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+
+def print_tables(rows: list[dict], file=None) -> None:
+    file = file or sys.stdout
+    cur = None
+    for s in summarize(rows):
+        head = (s["suite"], s["sigma"], s["crop"], s["part"])
+        if head != cur:
+            cur = head
+            sig = f", sigma {s['sigma']:g}" if s["sigma"] is not None else ""
+            print(f"\n== {s['suite']}{sig}, {s['crop']}^2 crops, {s['part']} images\n"
+                  f"{'variant':12s}{'n':>3s}{'auto dB':>9s}{'oracle':>8s}{'vs paper':>9s}{'steps':>7s}{'GFLOP':>9s}"
+                  f"{'x paper':>8s}{'CPU s':>8s}{'params':>10s}{'vs anchor':>10s}", file=file)
+        if "psnr" in s:
+            print(f"{s['variant']:12s}{s['n']:3d}{s['psnr']:9.2f}{'':8s}{'':9s}{'':7s}{'':9s}{'':8s}"
+                  f"{s['cpu_s']:8.1f}", file=file)
+            continue
+        f = lambda x, spec: format(x, spec) if x is not None else "-"  # noqa: E731
+        print(f"{s['variant']:12s}{s['n']:3d}{f(s['auto'], '9.2f')}{f(s['oracle'], '8.2f')}"
+              f"{f(s.get('d_auto'), '+9.2f') if 'd_auto' in s else '':>9s}{f(s['steps'], '7.0f')}"
+              f"{f(s['gflop'], '9.0f')}{f(s.get('gflop_ratio'), '8.3f') if 'gflop_ratio' in s else '':>8s}"
+              f"{f(s['cpu_s'], '8.1f')}{s['params']:10,d}"
+              f"{f(s.get('d_anchor'), '+10.2f') if 'd_anchor' in s else '':>10s}", file=file)
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(prog="dip bench study", description=__doc__.splitlines()[0])
+    p.add_argument("--suite", default="denoise,sr,inpaint", help="comma list of denoise, sr, inpaint")
+    p.add_argument("--part", choices=("tune", "held", "all"), default="tune")
+    p.add_argument("--variants", help="comma list (default: every candidate); the anchors are bm3d, bicubic, "
+                                      "biharmonic")
+    p.add_argument("--crop", type=int, default=64, help="centre crop side (default 64)")
+    p.add_argument("--sigma", type=float, help="denoising: synthetic noise of this sigma on the ground truth "
+                                               "(default: the authors' sigma=25 images)")
+    p.add_argument("--margin", type=int, default=1000,
+                   help="steps fitted after auto-stop fired (default 1000; 0 = stop there; -1 = to the cap)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, help="cap every variant's steps (a smoke test)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one process per core)")
+    p.add_argument("--out", default="docs/study/study.jsonl", help="the JSONL file rows are appended to")
+    p.add_argument("--table", metavar="JSONL", help="only print the tables of this file")
+    p.add_argument("--data", default=None)
+    return p
+
+
+def main(args) -> int:
+    if getattr(args, "table", None):
+        print_tables(read_rows(Path(args.table)))
+        return 0
+    import torch
+    torch.set_num_threads(max(1, int(args.threads)))
+    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    for s in suites:
+        if s not in SPLIT:
+            print(f"dip bench study: unknown suite {s!r}", file=sys.stderr)
+            return 2
+    names = [n.strip() for n in args.variants.split(",")] if args.variants else None
+    try:
+        for s in suites:
+            variants_for(s, names)
+    except ValueError as e:
+        print(f"dip bench study: {e}", file=sys.stderr)
+        return 2
+    margin = None if args.margin < 0 else args.margin
+    out = Path(args.out)
+    rc = run(suites, args.part, names, args.crop, out, sigma=args.sigma, margin=margin, seed=args.seed,
+             data=args.data, max_steps=args.max_steps)
+    print_tables(read_rows(out))
+    return rc
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    sys.exit(main(build_parser().parse_args()))
