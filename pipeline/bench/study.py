@@ -224,13 +224,15 @@ def _fit_row(suite: str, case, v: Variant, margin: int | None, seed0: int, max_s
 
 # ---- the run --------------------------------------------------------------------------------------------
 def run(suites, part: str, names, crop: int, out: Path, sigma: float | None = None, margin: int | None = 1000,
-        seed: int = 0, data=None, max_steps: int | None = None) -> int:
+        seed: int = 0, data=None, max_steps: int | None = None, images: list[str] | None = None) -> int:
     from pipeline.bench.quality import load_cases, paper_dir
     root = paper_dir(data)
     done = {row_key(r) for r in read_rows(out)}
     failed = 0
     for suite in suites:
         want = SPLIT[suite]["tune"] + SPLIT[suite]["held"] if part == "all" else SPLIT[suite][part]
+        if images:
+            want = [n for n in want if n in images]
         cases = load_cases(suite, root, crop=crop, only=want, sigma=sigma if suite == "denoise" else None)
         for v in variants_for(suite, names):
             for c in cases:
@@ -340,6 +342,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    help="steps fitted after auto-stop fired (default 1000; 0 = stop there; -1 = to the cap)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, help="cap every variant's steps (a smoke test)")
+    p.add_argument("--images", help="comma list: only these images of the part")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one process per core)")
     p.add_argument("--out", default="docs/study/study.jsonl", help="the JSONL file rows are appended to")
     p.add_argument("--table", metavar="JSONL", help="only print the tables of this file")
@@ -368,7 +371,8 @@ def main(args) -> int:
     margin = None if args.margin < 0 else args.margin
     out = Path(args.out)
     rc = run(suites, args.part, names, args.crop, out, sigma=args.sigma, margin=margin, seed=args.seed,
-             data=args.data, max_steps=args.max_steps)
+             data=args.data, max_steps=args.max_steps,
+             images=[n.strip() for n in args.images.split(",")] if args.images else None)
     print_tables(read_rows(out))
     return rc
 
