@@ -23,6 +23,14 @@ def _steps(v: str):
     return n
 
 
+def _device(v: str) -> str:
+    from pipeline.config import check_device  # stdlib only
+    try:
+        return check_device(v)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("unknown device ", "")) from None
+
+
 def _add_restore(sub):
     p = sub.add_parser("restore", help="restore images with the Deep Image Prior",
                        description="Restore images: files, directories (recursive) or a manifest (.csv/.jsonl). "
@@ -39,7 +47,8 @@ def _add_restore(sub):
                    help="'auto' (default: stop when the windowed variance of the output stops falling, with the "
                         "preset's step count as the cap) or an exact number of steps")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto: CUDA when present)")
+    p.add_argument("--device", default="auto", type=_device,
+                   help="auto | cpu | cuda | cuda:N (default auto: CUDA when present)")
     p.add_argument("--glob", default="*", help="file pattern inside directories (default: all image files)")
     p.add_argument("--slots", type=int, help="fits per batch on one device (default: from the free memory on CUDA, 1 on a CPU)")
     p.add_argument("--precision", choices=("fp32", "tf32", "bf16"), help="arithmetic (default fp32 on CPU, "
@@ -105,7 +114,7 @@ def _add_bench(sub):
     p = sub.add_parser("bench", help="benchmarks: speed of the engine, quality against the paper")
     bs = p.add_subparsers(dest="bench", required=True)
     s = bs.add_parser("speed", help="one original-equivalent fit against the batched engine")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", type=_device)
     s.add_argument("--size", type=int, help="image side (default 512 on CUDA, 64 on CPU)")
     s.add_argument("--batch", help="fits in the batch, or a comma list (default 16 on CUDA, 4 on CPU)")
     s.add_argument("--steps", type=int, help="timed steps (default 50 on CUDA, 5 on CPU)")
@@ -122,7 +131,7 @@ def _add_bench(sub):
     q.add_argument("--data", default=None, help="folder with the paper sets (default ../shared/data/paper)")
     q.add_argument("--fast", action="store_true", help="tiny crops and the fast preset: a CPU smoke test")
     q.add_argument("--limit", type=int, help="at most this many images per suite")
-    q.add_argument("--device", default="auto")
+    q.add_argument("--device", default="auto", type=_device)
     q.add_argument("--json", metavar="PATH")
     q.set_defaults(func=_run_bench_quality)
     from pipeline.bench.study import build_parser as study_parser  # stdlib imports only

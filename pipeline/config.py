@@ -14,6 +14,15 @@ TASKS = ("denoise", "jpeg", "inpaint", "sr")
 SR_FACTORS = (2, 4, 8)
 
 
+def check_device(device: str) -> str:
+    """``device`` if dip can run on it (auto, cpu, cuda, cuda:N); a ValueError naming the choices otherwise
+    (a misspelt or foreign device must not silently run on the CPU)."""
+    d = str(device).strip().lower()
+    if d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()):
+        return d
+    raise ValueError(f"unknown device {device!r}: choose auto, cpu, cuda or cuda:N")
+
+
 @dataclass(frozen=True)
 class NetConfig:
     """The original 'skip' encoder-decoder (models/skip.py)."""

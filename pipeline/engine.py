@@ -542,6 +542,10 @@ def distill_steps(cfg: FitConfig, fit_steps: int) -> int:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` (CUDA when torch sees it, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; anything else
+    is a ValueError (see :func:`pipeline.config.check_device`)."""
+    from pipeline.config import check_device
+    device = check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -165,7 +165,12 @@ def _decode(path: Path) -> tuple[ImageData, dict]:
     except UnidentifiedImageError:
         raise ImageError(path, "not an image (Pillow cannot identify it)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(path, f"above the decompression-bomb limit ({e})") from None
+        # Pillow refuses above twice its limit before dip's own check sees the size: say dip's limit
+        import re
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(n.group(1)) / 1e6:.0f} megapixels ({n.group(1)} pixels) is " if n else ""
+        raise ImageError(path, f"{size}above the decompression-bomb limit of {MAX_PIXELS / 1e6:.0f} MP "
+                               f"(set DIP_MAX_PIXELS to raise it)") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(path, f"unreadable image: {e}") from None
     info = dict(im.info)
@@ -337,14 +342,38 @@ def to_uint(pixels: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(np.rint(np.clip(pixels, 0.0, 1.0) * scale), 0, scale).astype(dt)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux: /proc/self/status; elsewhere by setting and
+    restoring it, which is not thread-safe, so it is read once)."""
+    global _UMASK
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    if _UMASK is None:
+        _UMASK = os.umask(0o22)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK: int | None = None
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside ``path``; when the block ends without an error it is renamed onto
-    ``path`` (so readers see the old file or the whole new one), otherwise it is removed."""
+    ``path`` (so readers see the old file or the whole new one), otherwise it is removed. The file gets
+    the mode a plain ``open()`` would give it (0666 less the umask: 0644 under umask 022), not the 0600
+    of a temporary file, so that a web server or a colleague can read what the job wrote."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp

@@ -573,3 +573,29 @@ def test_lighter_network_options_and_schedules_fit_and_hash_as_before():
     assert not {"optimizer", "lr_warmup", "lr_decay", "lr_decay_every", "ema_warmup"} & set(d)
     assert not {"pad", "bn_cat"} & set(d["net"])
     assert make_config("denoise", net={"pad": "zero"}).identity_dict()["net"]["pad"] == "zero"
+
+
+def test_outputs_keep_the_umask_mode(tmp_path):
+    """Atomic writes (PNG, JSON, ONNX, the report and the manifest all go through them) get 0666 less the
+    umask, as open() would, not the 0600 of a temporary file."""
+    from pipeline.io import ImageData, write_bytes, write_json
+    old = os.umask(0o022)
+    try:
+        save_image(tmp_path / "a.png", ImageData(np.zeros((8, 8, 3), np.float32), None, 8))
+        write_json(tmp_path / "a.json", {"x": 1})
+        write_bytes(tmp_path / "a.onnx", b"x")
+        os.umask(0o027)
+        write_bytes(tmp_path / "b.onnx", b"x")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"a.png": 0o644, "a.json": 0o644, "a.onnx": 0o644, "b.onnx": 0o640}
+
+
+def test_unknown_devices_are_refused(capsys):
+    from pipeline.engine import pick_device
+    assert cli_main(["restore", "x.png", "--out", "o", "--device", "tpu"]) == 2
+    assert "'tpu': choose auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        pick_device("tpu")
+    assert pick_device("cpu").type == "cpu" and str(pick_device("CPU")) == "cpu"

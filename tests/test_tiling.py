@@ -273,7 +273,9 @@ def test_huge_input_is_refused_clearly(tmp_path, monkeypatch):
     from pipeline import io
     from pipeline.io import load_image
     bomb = _png_header_only(tmp_path / "bomb.png", 20000, 20000)
-    with pytest.raises(ImageError, match="decompression-bomb limit.*400000000 pixels"):
+    # Pillow's own refusal (above twice its limit) names dip's limit, the README's 150 MP, not Pillow's 300
+    with pytest.raises(ImageError, match=r"400 megapixels \(400000000 pixels\) is above the decompression-bomb "
+                                         r"limit of 150 MP \(set DIP_MAX_PIXELS"):
         load_image(bomb)
     with pytest.raises(ImageError, match="decompression-bomb"):
         make_problem(str(bomb), preset="fast")
