@@ -199,12 +199,20 @@ class Result:
             "bits": self.image.bits,
             "restores": self.restores,
             "metrics": self.metrics,
-            "config": p.cfg.to_dict(),
+            "config": self._config_dict(),
             "loss": [float(f"{x:.6g}") for x in self.loss],
             **({"source_metadata": meta_summary(self.image.meta)} if self.image.meta else {}),
             **p.meta,
             **self.extra,
         }
+
+    def _config_dict(self) -> dict:
+        """The config as it ran: on a CPU the default "tf32" is plain fp32 arithmetic, and says so (the
+        job's hash is of the config itself, so results made before this still count as done)."""
+        d = self.problem.cfg.to_dict()
+        if self.device.startswith("cpu") and d.get("precision") == "tf32":
+            d["precision"] = "fp32"
+        return d
 
     def save(self, out_dir, stem: str | None = None) -> tuple[Path, Path]:
         """Write ``<stem>.png`` and ``<stem>.json`` (each atomically; the JSON last)."""

@@ -392,18 +392,35 @@ def main(args) -> int:
     try:
         return _Driver(args, out, items).run()
     finally:
-        lock.close()
+        _unlock(out, lock)
 
 
 def _lock(out: Path):
+    """OUT/.dip-job.lock, locked (flock) by this process; None if another job holds it. The file is
+    removed when the job ends (:func:`_unlock`), so a lock is taken only on a file still at that path."""
     import fcntl
-    f = open(out / LOCK_NAME, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    path = out / LOCK_NAME
+    for _ in range(10):
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            return None
+        try:  # the job before us may have removed the file between our open and our lock: take the new one
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                return f
+        except FileNotFoundError:
+            pass
         f.close()
-        return None
-    return f
+    return None
+
+
+def _unlock(out: Path, lock) -> None:
+    """Remove the lock file, then release it (no job is left waiting on the removed file: see _lock)."""
+    with contextlib.suppress(OSError):
+        os.unlink(out / LOCK_NAME)
+    lock.close()
 
 
 class _Driver:

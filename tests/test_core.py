@@ -518,14 +518,28 @@ def test_cpu_batches_one_fit_at_a_time():
     assert auto_slots(PRESETS["fast"], (32, 32), 3, "cpu", 10) == 1
 
 
+# sha256 of canonical_json(identity_dict()) as dip 0.1.0 at d4434e2 computed them (before ensemble, the
+# optimiser and schedule fields and NetConfig.pad / bn_cat existed): results made then must still be done
+OLD_HASHES = {
+    ("denoise", "fast", None): "ea1b4ccc229b5f79981bbd10297bab117220b3641b16625bb1808355a3edebab",
+    ("denoise", "denoise", None): "37c94bb3eb7f831eae5887b1896132cbe60a1bb33775878973e2b489cfef8aba",
+    ("sr", "sr4", 4): "7dad95e29a004fbbe910c77c22ed95d523bbb71ad591b9d013aff166d6421e4f",
+    ("inpaint", "inpaint-sparse", None): "4af023a74f49dfacad943ce04a6cac6564d694de3a01c9b0ce634720d6bdb332",
+    ("jpeg", "jpeg", None): "49860c5a8f7fd9b8c0ba349a87e38d9aafe1e7ccea6cecb127b1e606e8ee1df5",
+}
+
+
 def test_a_later_config_field_at_its_neutral_value_leaves_the_job_hash_as_it_was():
-    """Results made before FitConfig.ensemble existed were hashed without it; a rerun after the upgrade
-    must still find them done (pipeline.job hashes identity_dict), and another value must not."""
+    """Results made before the later fields existed were hashed without them; a rerun after the upgrade
+    must still find them done (the job hashes identity_dict), and another value must not."""
     from pipeline.config import make_config
+    from pipeline.manifest import canonical_json, sha256_text
+    for (task, preset, scale), h in OLD_HASHES.items():
+        cfg = make_config(task, preset=preset, scale=scale)
+        assert sha256_text(canonical_json(cfg.identity_dict())) == h, (task, preset)
     cfg = make_config("denoise", preset="fast")
-    before = {k: v for k, v in cfg.to_dict().items() if k != "ensemble"}  # the dict an older dip hashed
-    assert cfg.to_dict()["ensemble"] == 1 and cfg.identity_dict() == before
-    assert cfg.replace(ensemble=2).identity_dict() == {**before, "ensemble": 2}
+    assert cfg.to_dict()["ensemble"] == 1
+    assert cfg.replace(ensemble=2).identity_dict() == {**cfg.identity_dict(), "ensemble": 2}
 
 
 # ---- the optimiser, its schedule and the lighter networks (issue 16) ------------------------------------
@@ -569,6 +583,7 @@ def test_lighter_network_options_and_schedules_fit_and_hash_as_before():
                 optimizer="radam", lr=0.02, lr_warmup=20, lr_decay=0.7, lr_decay_every=50, ema_warmup=True)
     assert psnr(r.pixels, gt) > psnr(y, gt) + 2
     assert r.record()["config"]["net"]["pad"] == "zero"
+    assert r.record()["config"]["precision"] == "fp32"  # what a CPU ran, though the option's default is tf32
     d = make_config("denoise").identity_dict()
     assert not {"optimizer", "lr_warmup", "lr_decay", "lr_decay_every", "ema_warmup"} & set(d)
     assert not {"pad", "bn_cat"} & set(d["net"])
