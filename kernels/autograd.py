@@ -82,7 +82,7 @@ def _dummy(device) -> torch.Tensor:
 def _taps(factor: int, device) -> torch.Tensor:
     key = ("taps", factor, str(device))
     if key not in _CONST_CACHE:
-        from pipeline.operators import lanczos2_taps
+        from kernels.lanczos import lanczos2_taps
         _CONST_CACHE[key] = torch.tensor(lanczos2_taps(factor), dtype=torch.float32).to(device)
     return _CONST_CACHE[key]
 
@@ -150,7 +150,7 @@ class DownsampledMSE(torch.autograd.Function):
         m, has_mask = _mask_arg(mask_lr, B, h, w, dev)
         wres = torch.empty_like(t)
         acc = torch.zeros(B, 2, dtype=torch.float32, device=dev)
-        from pipeline.operators import lanczos2_pad
+        from kernels.lanczos import lanczos2_pad
         grid, threads = _mk.reduction_grid(h * w, B)
         kern = _ds.get_kernels()["ds_fwd"]
         L.launch(kern, grid, threads, L.arr(x), L.arr(t), L.arr(m), has_mask, L.arr(_taps(factor, dev)),

@@ -4,7 +4,7 @@ Forward (``ds_fwd``): for every low-res pixel (i, j) and channel c,
 
     lr = sum_{u,v} k[u] k[v] x[clamp(i f + u - p), clamp(j f + v - p)]     (p = lanczos2_pad(f))
 
-which is exactly pipeline.operators.lanczos2_downsample (replication padding, stride f); then
+which is exactly kernels.lanczos.lanczos2_downsample (replication padding, stride f); then
 r = lr - target, and per image num_b += m r^2, den_b += m (block reduction, one atomic per block),
 and the unnormalised low-res gradient w = 2 m r is stored.
 
@@ -26,7 +26,7 @@ import functools
 import numpy as np
 
 from kernels.masked import MAX_THREADS
-from pipeline.operators import lanczos2_pad, lanczos2_taps
+from kernels.lanczos import lanczos2_pad, lanczos2_taps
 
 
 def lanczos2_matrix(n: int, factor: int) -> np.ndarray:

@@ -8,7 +8,7 @@ known values (known pixels times C). An image with no known pixel gets loss 0.
 from __future__ import annotations
 
 import torch
-from pipeline.operators import lanczos2_downsample
+from kernels.lanczos import lanczos2_downsample
 
 
 def masked_mse_ref(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 The public API is lazy: ``import pipeline`` does not import torch until a function is used.
 """
-__version__ = "0.1.0"
+from pipeline.config import VERSION as __version__  # noqa: F401  (config imports only the stdlib)
 
 
 def restore(image, task: str = "denoise", **options):

@@ -91,9 +91,23 @@ def _add_restore(sub):
     p.set_defaults(func=_run_restore)
 
 
+def _call(fn, args) -> int:
+    """``fn`` with the parsed arguments it names (no module below the CLI sees the Namespace)."""
+    import inspect
+    names = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def job_options(args):
+    """The JobOptions of `dip restore`'s parsed arguments (the only place a Namespace becomes options)."""
+    import dataclasses
+    from pipeline.job import JobOptions
+    return JobOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(JobOptions)})
+
+
 def _run_restore(args) -> int:
-    from pipeline import job
-    return job.main(args)
+    from pipeline.job import run_job
+    return run_job(job_options(args))
 
 
 def _add_render(sub):
@@ -106,8 +120,8 @@ def _add_render(sub):
 
 
 def _run_render(args) -> int:
-    from pipeline import render
-    return render.main(args)
+    from pipeline.onnx import render
+    return _call(render.main, args)
 
 
 def _add_bench(sub):
@@ -142,18 +156,18 @@ def _add_bench(sub):
 
 
 def _run_bench_speed(args) -> int:
-    from pipeline.bench import speed as bench
-    return bench.speed_main(args)
+    from pipeline.bench import speed
+    return _call(speed.speed_main, args)
 
 
 def _run_bench_study(args) -> int:
     from pipeline.bench import study
-    return study.main(args)
+    return _call(study.main, args)
 
 
 def _run_bench_quality(args) -> int:
-    from pipeline.bench import quality as bench_quality
-    return bench_quality.main(args)
+    from pipeline.bench import quality
+    return _call(quality.main, args)
 
 
 def _add_report(sub):
@@ -163,13 +177,14 @@ def _add_report(sub):
 
 
 def _run_report(args) -> int:
-    from pipeline import report
-    return report.main(args)
+    from pipeline.job import report
+    return _call(report.main, args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dip", description="Batch image restoration with the Deep Image Prior.")
-    parser.add_argument("--version", action="version", version="dip 0.1.0")
+    from pipeline.config import VERSION  # the stdlib only
+    parser.add_argument("--version", action="version", version=f"dip {VERSION}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_restore(sub)

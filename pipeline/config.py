@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, asdict
 
+VERSION = "0.1.0"  # the one place: pyproject.toml reads it (tool.setuptools.dynamic), dip --version prints it
 TASKS = ("denoise", "jpeg", "inpaint", "sr")
 SR_FACTORS = (2, 4, 8)
 
@@ -150,6 +151,11 @@ class FitConfig:
             raise ValueError(f"optimizer must be 'adam' or 'radam', not {self.optimizer!r}")
         if self.lr_warmup < 0 or self.lr_decay_every < 0 or not 0.0 < self.lr_decay <= 1.0:
             raise ValueError("lr_warmup and lr_decay_every must be >= 0 and lr_decay in (0, 1]")
+
+    @property
+    def factor(self) -> int:
+        """The data term's downsampling factor: the SR scale, 1 for every other task."""
+        return self.scale if self.task == "sr" else 1
 
     @property
     def renders_saved_image(self) -> bool:

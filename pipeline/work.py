@@ -121,7 +121,7 @@ def step_cost(net, canvas: tuple[int, int], factor: int = 1) -> StepCost:
 
 def cost_for(cfg, canvas: tuple[int, int], channels: int) -> StepCost:
     """:func:`step_cost` of a FitConfig's network for an image with ``channels`` colour channels."""
-    return step_cost(cfg.net.with_channels(channels), canvas, cfg.scale if cfg.task == "sr" else 1)
+    return step_cost(cfg.net.with_channels(channels), canvas, cfg.factor)
 
 
 def work_record(cfg, canvas: tuple[int, int], channels: int, steps: int) -> dict:

@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, clean_env, dip_cmd, write_png
-from pipeline.manifest import MANIFEST_NAME
+from pipeline.job.manifest import MANIFEST_NAME
 
 RAY = shutil.which("ray") or str(Path(os.sys.executable).with_name("ray"))
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.api import make_problem, restore, to_fit_item
+from pipeline.api import make_problem, restore
+from pipeline.problem import to_fit_item
 from pipeline.cli import main as cli_main
 from pipeline.config import PRESETS, make_config
 from pipeline.engine import BatchedFitter
@@ -63,6 +64,15 @@ def test_lanczos_adjoint(f):
     lhs = (op.A(x) * y).sum()
     rhs = (x * op.A_adjoint(y)).sum()
     assert abs(lhs - rhs) < 1e-10 * abs(lhs)
+    # with a measurement mask (A = M D, as the engine holds it): still the adjoint, and the data term
+    from pipeline.operators import make_operator
+    op = make_operator("sr", f, slots=2, shape=(8, 6)).double()
+    op.mask.copy_((torch.rand(2, 1, 8, 6, generator=g) > 0.3).double())
+    lhs = (op.A(x) * y).sum()
+    rhs = (x * op.A_adjoint(y)).sum()
+    assert abs(lhs - rhs) < 1e-10 * abs(lhs)
+    want = ((op.A(x) - op.mask * y) ** 2).flatten(1).sum(1) / (3 * op.mask.flatten(1).sum(1))
+    assert torch.allclose(op.data_term(x, y), want)
 
 
 # ---- generator -----------------------------------------------------------------------------------
@@ -145,7 +155,7 @@ def _single(cfg, item, canvas, corrupt_at=None):
         if corrupt_at is not None and i == corrupt_at:
             _corrupt(fit, 0)
         fit.step()
-        fit.steps_done[0] += 1
+        fit.slots[0].steps_done += 1
     return fit.render()[0], fit.restores[0].item()
 
 
@@ -481,7 +491,7 @@ def test_cli_mask_and_reference_options_reach_the_fit(tmp_path):
 
 
 def test_slots_for_memory_counts_fixed_costs_once():
-    from pipeline.engine import slots_for_memory
+    from pipeline.memory import slots_for_memory
     gib = 2 ** 30
     # measured on an H100 at 512^2: ~9 GiB for one slot, most of it cuDNN workspace; ~1.6 GiB per slot more
     assert slots_for_memory(60 * gib, int(9 * gib), int(10.6 * gib), 64) == 32
@@ -514,7 +524,7 @@ def test_expand_puts_each_slots_value_on_its_own_weights(slots):
 
 def test_cpu_batches_one_fit_at_a_time():
     """On a CPU batching gains nothing and a drained batch still computes its idle slots (BENCHMARKS.md)."""
-    from pipeline.engine import auto_slots
+    from pipeline.memory import auto_slots
     assert auto_slots(PRESETS["fast"], (32, 32), 3, "cpu", 10) == 1
 
 
@@ -533,7 +543,7 @@ def test_a_later_config_field_at_its_neutral_value_leaves_the_job_hash_as_it_was
     """Results made before the later fields existed were hashed without them; a rerun after the upgrade
     must still find them done (the job hashes identity_dict), and another value must not."""
     from pipeline.config import make_config
-    from pipeline.manifest import canonical_json, sha256_text
+    from pipeline.job.manifest import canonical_json, sha256_text
     for (task, preset, scale), h in OLD_HASHES.items():
         cfg = make_config(task, preset=preset, scale=scale)
         assert sha256_text(canonical_json(cfg.identity_dict())) == h, (task, preset)
@@ -545,11 +555,11 @@ def test_a_later_config_field_at_its_neutral_value_leaves_the_job_hash_as_it_was
 # ---- the optimiser, its schedule and the lighter networks (issue 16) ------------------------------------
 @pytest.mark.parametrize("opt", ["adam", "radam"])
 def test_optimizer_update_matches_torch_optim_with_its_schedule(opt):
-    """pipeline.engine.optimizer_update against torch.optim.Adam / RAdam with the same gradients, and
+    """pipeline.optim.optimizer_update against torch.optim.Adam / RAdam with the same gradients, and
     the warm-up and step decay of lr_schedule against a LambdaLR doing the same (12 steps: RAdam's
     plain-momentum phase and its rectified one)."""
     from pipeline.config import NetConfig
-    from pipeline.engine import optimizer_update
+    from pipeline.optim import optimizer_update
     net = NetConfig(input_depth=2, channels_down=(4,), channels_up=(4,), channels_skip=(2,))
     cfg = make_config("denoise").replace(net=net, optimizer=opt, lr=0.05, lr_warmup=3, lr_decay=0.5,
                                          lr_decay_every=4)

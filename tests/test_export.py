@@ -1,4 +1,4 @@
-"""ONNX export (pipeline/export.py) and `dip render` (pipeline/render.py): parity with the torch generator
+"""ONNX export (pipeline/onnx/export.py) and `dip render` (pipeline/onnx/render.py): parity with the torch generator
 and with the PNGs `dip restore` writes, on real onnxruntime CPU sessions; and the bad-input errors.
 
 Small images, the "fast" preset and 20 steps keep this file well under a minute on 2 CPU cores.
@@ -17,7 +17,8 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from pipeline import cli, export, render  # noqa: E402
+from pipeline import cli  # noqa: E402
+from pipeline.onnx import export, render  # noqa: E402
 from pipeline.api import Problem, restore  # noqa: E402
 from pipeline.config import NetConfig, make_config  # noqa: E402
 from pipeline.generator import SkipGenerator, build_specs, init_slot_vector, make_input  # noqa: E402

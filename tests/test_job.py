@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main as cli_main
-from pipeline.manifest import MANIFEST_NAME, UsageError, discover, safe_rel
+from pipeline.job.manifest import MANIFEST_NAME, UsageError, discover, safe_rel
 
 from conftest import write_png
 
@@ -233,7 +233,7 @@ def test_killed_worker_is_replaced_and_job_completes(tmp_path, ray_session):
 
 # ---- ONNX export travels back from the actor as bytes ---------------------------------------------------
 def test_onnx_bytes_are_written_by_the_driver(tmp_path, ray_session):
-    pytest.importorskip("pipeline.export")
+    pytest.importorskip("pipeline.onnx.export")
     write_png(tmp_path / "one.png", size=(24, 24))
     out = tmp_path / "out"
     rc = restore(tmp_path / "one.png", "--out", out, "--steps", 2, "--preset", "fast", "--device", "cpu", "--quiet")
@@ -247,7 +247,7 @@ def test_onnx_bytes_are_written_by_the_driver(tmp_path, ray_session):
 
 
 def test_rerun_that_wants_onnx_refits_an_image_done_without_it(tmp_path, ray_session):
-    pytest.importorskip("pipeline.export")
+    pytest.importorskip("pipeline.onnx.export")
     write_png(tmp_path / "one.png", size=(24, 24))
     out = tmp_path / "out"
     args = [tmp_path / "one.png", "--out", out, "--steps", 2, "--preset", "fast", "--device", "cpu", "--quiet"]
@@ -272,7 +272,7 @@ def test_worker_encodes_results_in_memory_and_leaves_no_temporary_files(tmp_path
 
     from pipeline.api import restore as api_restore
     from pipeline.io import ImageData
-    from pipeline.job import FitWorker
+    from pipeline.job.actors import FitWorker
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
@@ -327,16 +327,14 @@ def test_an_actors_next_call_joins_the_running_batch(ray_session):
     """The actor's two calls in flight share one engine: an image of the second call takes the slot an
     image of the first frees, instead of waiting for the first call's slowest image (the batch used to
     drain at the end of every call)."""
-    import types
-
     import numpy as np
 
     from pipeline.api import make_problem
-    from pipeline.job import _start_actor
+    from pipeline.job import JobOptions
+    from pipeline.job.pool import start_actor
     ray = ray_session
-    args = types.SimpleNamespace(slots=2, reference_kernels=False, export_onnx=False, onnx_dtype="fp32",
-                                 tile=None, tile_overlap=None, max_memory=None)
-    actor = _start_actor({"num_cpus": 1, "num_gpus": 0, "node": None}, "cpu", args)
+    opts = JobOptions(slots=2, export_onnx=False)
+    actor = start_actor({"num_cpus": 1, "num_gpus": 0, "node": None}, "cpu", opts)
     tiny = {"input_depth": 4, "channels_down": (4, 8), "channels_up": (4, 8), "channels_skip": (2, 2)}
     rng = np.random.default_rng(0)
 
@@ -374,17 +372,17 @@ def test_a_dead_engine_fails_its_waiting_calls_and_the_next_call_starts_a_new_on
     fault; every call waiting on it raises (the driver retries their images), and the next call works."""
     import numpy as np
 
-    from pipeline import tiling
+    from pipeline import fit
     from pipeline.api import make_problem
-    from pipeline.job import FitWorker
-    real = tiling.fit_tiled
+    from pipeline.job.actors import FitWorker
+    real = fit.fit_tiled
 
     def broken(problems, **kw):
         problems.get(True)
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
         yield  # pragma: no cover
 
-    monkeypatch.setattr(tiling, "fit_tiled", broken)
+    monkeypatch.setattr(fit, "fit_tiled", broken)
     w = FitWorker("cpu", 1, None, keep_weights=False, onnx_dtype="fp32")
     img = np.random.default_rng(0).random((16, 16, 3)).astype(np.float32)
     batch = [("x", make_problem(img, preset="fast", steps=3, name="x"))]
@@ -392,7 +390,7 @@ def test_a_dead_engine_fails_its_waiting_calls_and_the_next_call_starts_a_new_on
     assert next(events)["kind"] == "started"
     with pytest.raises(RuntimeError, match="the fitting engine stopped: CUDA error"):
         next(events)
-    monkeypatch.setattr(tiling, "fit_tiled", real)
+    monkeypatch.setattr(fit, "fit_tiled", real)
     evs = list(w.fit([("y", make_problem(img, preset="fast", steps=3, name="y"))]))
     assert [e["kind"] for e in evs] == ["started", "done"] and evs[1]["id"] == "y"
 
@@ -400,7 +398,7 @@ def test_a_dead_engine_fails_its_waiting_calls_and_the_next_call_starts_a_new_on
 def test_an_actor_gets_a_new_call_once_a_calls_worth_of_its_images_is_done():
     """Backpressure counts images: two calls of 32 whose slowest images are still running (1 + 1 left)
     must not keep the actor waiting for a third call until one of them ends."""
-    from pipeline.job import room_for_a_call
+    from pipeline.job.pool import room_for_a_call
     assert room_for_a_call([], 32) and room_for_a_call([32], 32)  # the first two calls go out at once
     assert not room_for_a_call([32, 32], 32) and not room_for_a_call([20, 13], 32)
     assert room_for_a_call([1, 31], 32) and room_for_a_call([1, 1], 32)  # stragglers: refill the batch

@@ -1,4 +1,4 @@
-"""OUT/report.html (pipeline.report): built by a real `dip restore` job (on the session's Ray instance) over
+"""OUT/report.html (pipeline.job.report): built by a real `dip restore` job (on the session's Ray instance) over
 tiny images with hostile names and one bad file, checked as text, and in a real headless Chromium
 (Debian's /usr/bin/chromium driven by the `playwright` package; skipped when either is missing).
 
@@ -16,7 +16,7 @@ from urllib.parse import unquote
 import pytest
 
 from conftest import REPO, write_png
-from pipeline import report
+from pipeline.job import report
 from pipeline.cli import main as cli_main
 
 CHROMIUM = "/usr/bin/chromium"

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pipeline.api import Feed, Ready, fit_problems, make_problem
-from pipeline.tiling import TiledResult, fit_tiled
+from pipeline.fit import fit_tiled
+from pipeline.tiling import TiledResult
 
 TINY = {"input_depth": 4, "channels_down": (4, 8), "channels_up": (4, 8), "channels_skip": (2, 2)}
 
@@ -191,7 +192,7 @@ def test_a_batch_that_cannot_grow_goes_on_at_its_size(monkeypatch, caplog):
 
 
 def test_the_canvas_ladder_rounds_sides_up_by_at_most_a_quarter():
-    from pipeline.api import ladder_side
+    from pipeline.problem import ladder_side
     assert [ladder_side(k * 32, 32) // 32 for k in range(1, 21)] == \
         [2, 2, 3, 4, 5, 6, 7, 8, 10, 10, 12, 12, 14, 14, 16, 16, 20, 20, 20, 20]
     for m in (4, 32, 64):

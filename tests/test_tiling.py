@@ -1,4 +1,5 @@
-"""Tiled fitting (pipeline/tiling.py): the plan, the blend, the driver, the memory budget, the ONNX layout.
+"""Tiled fitting (pipeline/tiling.py, fit.py, memory.py): the plan, the blend, the driver, the memory budget,
+the ONNX layout.
 
 CPU only, the fast preset with a smaller net; one torch thread (on a shared 2-core machine two intra-op
 threads made these fits 6x slower).
@@ -14,20 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import tiling
+from pipeline import fit, memory, tiling
 from pipeline.api import Problem, Result, make_problem
+from pipeline.fit import TileError, choose_tile, fit_tiled, needs_tiling
 from pipeline.io import ImageData, ImageError
-from pipeline.tiling import (
-    TiledResult,
-    choose_tile,
-    estimate_fit_bytes,
-    fit_tiled,
-    merge,
-    needs_tiling,
-    plan_tiles,
-    slots_for,
-    split,
-)
+from pipeline.memory import estimate_fit_bytes, slots_for
+from pipeline.onnx.export import export_tiled
+from pipeline.onnx.render import render_tiled
+from pipeline.tiling import TiledResult, merge, plan_tiles, split
 
 TINY = {"input_depth": 8, "channels_down": (8, 16, 32, 32), "channels_up": (8, 16, 32, 32)}
 
@@ -232,9 +227,8 @@ def test_memory_model_budget_and_slots():
 
 def test_fit_tiled_respects_an_explicit_budget(monkeypatch):
     """Budget -> images above it are tiled, and fit_problems gets slots = budget // per-tile estimate."""
-    from pipeline import api
     seen = []
-    real = api.fit_problems
+    real = fit.fit_problems
 
     def spy(problems, device="auto", slots=None, **kw):
         def record(cfg, canvas, C, dev, n_waiting):  # the batch size fit_problems gets for a bucket
@@ -243,14 +237,14 @@ def test_fit_tiled_respects_an_explicit_budget(monkeypatch):
             return k
         return real(problems, device=device, slots=record if callable(slots) else slots, **kw)
 
-    monkeypatch.setattr(api, "fit_problems", spy)
-    monkeypatch.setattr(tiling, "FIXED_BYTES", 0)  # so that a tiny image can be above a budget of 2 tiles
+    monkeypatch.setattr(fit, "fit_problems", spy)
+    monkeypatch.setattr(memory, "FIXED_BYTES", 0)  # so that a tiny image can be above a budget of 2 tiles
     p = make_problem(smooth(96, 96), preset="fast", steps=2, net=TINY)
     per = estimate_fit_bytes(p.cfg, (32, 32), 3, "cpu")
     whole = estimate_fit_bytes(p.cfg, p.canvas, 3, "cpu")
     budget = int(2.5 * per)
     assert budget < whole
-    monkeypatch.setattr(tiling, "DEFAULT_TILE_OUT", 32)
+    monkeypatch.setattr(fit, "DEFAULT_TILE_OUT", 32)
     (_q, r), = list(fit_tiled([p], device="cpu", max_memory=budget, overlap=4))
     assert isinstance(r, TiledResult) and r.image.shape == (96, 96) and r.layout.tile == 32
     assert seen == [(16, 2)]
@@ -299,12 +293,12 @@ def test_tiled_onnx_export_renders_the_merged_image(tmp_path):
     p = make_problem(data, task="inpaint", preset="fast", mask=mask, steps=3, net=TINY, name="scan")
     (_q, r), = list(fit_tiled([p], device="cpu", tile=32, overlap=8, keep_weights=True))
     assert isinstance(r, TiledResult) and r.layout.copied and r.layout.fitted
-    path = tiling.export_tiled(r, tmp_path)
+    path = export_tiled(r, tmp_path)
     assert path.name == "scan.tiles.json"
     doc = json.loads(path.read_text())
     assert {("model" in t, "image" in t) for t in doc["tiles"]} == {(True, False), (False, True)}
     assert (tmp_path / "scan.t000.onnx").is_file() and (tmp_path / doc["alpha"]).is_file()
-    out = tiling.render_tiled(path, "cpu")
+    out = render_tiled(path, "cpu")
     assert out.shape == r.image.shape and out.bits == 8
     np.testing.assert_allclose(out.pixels, r.image.pixels, atol=2e-3)
     np.testing.assert_allclose(out.alpha, r.image.alpha, atol=1 / 255 + 1e-6)
@@ -346,7 +340,7 @@ torch.set_num_threads(1)
 torch.backends.mkldnn.enabled = False
 from pipeline.api import make_problem
 from pipeline.io import ImageData
-from pipeline.tiling import fit_tiled
+from pipeline.fit import fit_tiled
 def vm():
     for line in open("/proc/self/status"):
         if line.startswith("VmSize"):
@@ -393,7 +387,7 @@ def test_an_image_that_runs_out_of_memory_is_fitted_again_as_tiles():
 def test_what_counts_as_out_of_memory(exc, oom):
     from pipeline.engine import is_oom
     assert is_oom(exc) is oom
-    wrapped = tiling.TileError("tile 3 of 9 failed")
+    wrapped = TileError("tile 3 of 9 failed")
     wrapped.__cause__ = exc
     assert is_oom(wrapped) is oom  # through a tile's error
 
@@ -417,9 +411,9 @@ def test_an_ensemble_is_the_mean_of_its_members_and_renders_as_one_image(tmp_pat
     assert np.abs(singles[0] - singles[1]).max() > 0.01  # two different fits
     np.testing.assert_allclose(r.image.pixels, (singles[0] + singles[1]) / 2, atol=1 / 255 + 1e-6)
     # one layout file re-renders the mean
-    path = tiling.export_tiled(r, tmp_path)
+    path = export_tiled(r, tmp_path)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["scan.t000.onnx", "scan.t001.onnx", "scan.tiles.json"]
-    np.testing.assert_allclose(tiling.render_tiled(path, "cpu").pixels, r.image.pixels, atol=2e-3)
+    np.testing.assert_allclose(render_tiled(path, "cpu").pixels, r.image.pixels, atol=2e-3)
     # restore() splits an ensemble too; fit_problems refuses one rather than fit it as a single fit
     r2 = restore(img, preset="fast", steps=6, net=TINY, seed=5, ensemble=2, device="cpu")
     np.testing.assert_array_equal(r2.image.pixels, r.image.pixels)

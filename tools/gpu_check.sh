@@ -20,7 +20,7 @@ if has speed; then
     run 150 python3 -m pipeline.cli bench speed --device cuda --size 512 --batch 8,16 --precision bf16 --conv grouped,loop --steps 8 --profile 3 --json $OUT/speed512.json
 fi
 if has ray; then
-    run 150 python3 -m pipeline.job --bench 32 --size 256 --steps 300 --device cuda --json $OUT/ray.json
+    run 150 python3 -m pipeline.bench.ray --bench 32 --size 256 --steps 300 --device cuda --json $OUT/ray.json
 fi
 if has quality; then
     run 300 python3 -m pipeline.bench.quality --suite all --only F16,baby,bird,butterfly,head,woman,house --json $OUT/quality.json
@@ -32,7 +32,7 @@ if has original && [ -d .gpu/orig ]; then
     run 150 python3 .gpu/orig_f16.py 0 $OUT/f16_original.json
 fi
 if has kernels; then
-    run 150 python3 -m kernels.bench --json $OUT/kernels.json
+    run 150 python3 -m pipeline.bench.kernels --json $OUT/kernels.json
 fi
 if has elastic; then  # not in the default list: a fixed against an elastic batch on a draining queue
     run 120 python3 tools/elastic_bench.py --device cuda --size 256 --slots 16 --images 16 --long 600 --short 60 --json $OUT/elastic.json

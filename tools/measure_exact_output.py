@@ -43,7 +43,7 @@ def psnr(img, gt) -> float:
 
 def run_one(noisy, gt, a):
     import torch
-    from pipeline.api import make_problem, to_fit_item
+    from pipeline.problem import make_problem, to_fit_item
     from pipeline.engine import BatchedFitter, FitItem, pick_device
     p = make_problem(noisy, task="denoise", preset=a.preset, steps=a.steps, seed=a.seed, output="ema")
     dev = pick_device(a.device)

@@ -44,7 +44,7 @@ def cases(size: int, sigma: float, seed: int):
 def one_fit(noisy, gt, preset, steps, seed, device):
     """All three result kinds from one fit. Returns {kind: psnr}."""
     import torch
-    from pipeline.api import make_problem, metrics, to_fit_item
+    from pipeline.problem import make_problem, metrics, to_fit_item
     from pipeline.engine import BatchedFitter, pick_device
     from pipeline.io import ImageData
     p = make_problem(noisy, task="denoise", preset=preset, steps=steps, seed=seed, reference=gt, output="ema")

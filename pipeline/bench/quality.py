@@ -540,22 +540,20 @@ def print_suite(res: dict, out=None) -> None:
                   f"   hybrid {d['hybrid_mean_oracle_gap']:+6.2f}", file=out)
 
 
-def main(args) -> int:
-    """Entry point of `dip bench quality` (args from pipeline.cli). Returns the exit code."""
+def main(suite: str = "all", data=None, fast: bool = False, limit: int | None = None, device: str = "auto",
+         json: str | None = None, max_steps: int | None = None, crop: int | None = None, slots: int | None = None,
+         seed: int = 0, only: str | None = None) -> int:
+    """`dip bench quality` (and ``python -m pipeline.bench.quality``). Returns the exit code."""
     from pipeline.engine import pick_device
     from pipeline.io import write_json
-    fast = bool(getattr(args, "fast", False))
-    suite = getattr(args, "suite", "all") or "all"
-    suites = SUITES if suite == "all" else (suite,)
-    limit = getattr(args, "limit", None)
+    suites = SUITES if (suite or "all") == "all" else (suite,)
     if fast and not limit:
         limit = FAST_IMAGES
-    crop = getattr(args, "crop", None) or (FAST_CROP if fast else None)
-    max_steps = getattr(args, "max_steps", None)
-    only = [n.strip() for n in (getattr(args, "only", None) or "").split(",") if n.strip()] or None
+    crop = crop or (FAST_CROP if fast else None)
+    only = [n.strip() for n in (only or "").split(",") if n.strip()] or None
     try:
-        root = paper_dir(getattr(args, "data", None))
-        dev = pick_device(getattr(args, "device", "auto") or "auto")
+        root = paper_dir(data)
+        dev = pick_device(device or "auto")
     except Exception as e:  # noqa: BLE001
         print(f"dip bench quality: {e}", file=sys.stderr)
         return 2
@@ -576,16 +574,15 @@ def main(args) -> int:
                 continue
             print(f"dip bench quality: no images for suite {s} in {root}", file=sys.stderr)
             return 2
-        res = run_suite(s, cases, device=dev, fast=fast, max_steps=max_steps, slots=getattr(args, "slots", None),
-                        seed=getattr(args, "seed", 0) or 0)
+        res = run_suite(s, cases, device=dev, fast=fast, max_steps=max_steps, slots=slots, seed=seed or 0)
         failed += res["failed"]
         report["suites"][s] = res
         print_suite(res)
         sys.stdout.flush()
     report["seconds"] = round(time.perf_counter() - t0, 2)
     print(f"\ntotal {report['seconds']:.1f} s on {dev}")
-    if getattr(args, "json", None):
-        write_json(Path(args.json), report)
+    if json:
+        write_json(Path(json), report)
     return 1 if failed else 0
 
 
@@ -609,4 +606,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    sys.exit(main(build_parser().parse_args()))
+    sys.exit(main(**vars(build_parser().parse_args())))

@@ -13,7 +13,6 @@ CUDA, operator self time on the CPU), with the top kernels; all of it goes into 
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -94,7 +93,7 @@ def time_config(cfg, size: int, slots: int, steps: int, device, warmup: int = 3,
     from pipeline.engine import BatchedFitter, FitItem
     dev = torch.device(device)
     rng = np.random.default_rng(0)
-    f = cfg.scale if cfg.task == "sr" else 1
+    f = cfg.factor
     h = size // f
     fit = BatchedFitter(cfg, (size, size), 3, slots, dev, conv=conv, use_kernels=use_kernels)
     for s in range(slots):
@@ -128,25 +127,29 @@ def time_config(cfg, size: int, slots: int, steps: int, device, warmup: int = 3,
     return row
 
 
-def speed_main(args) -> int:
+def speed_main(device: str = "auto", size: int | None = None, batch: str | None = None, steps: int | None = None,
+               preset: str | None = None, precision: str | None = None, conv: str = "auto", profile: int = 0,
+               json: str | None = None) -> int:
+    """`dip bench speed`. Returns the exit code."""
+    import json as _json
     import torch
     from pipeline.config import make_config
     from pipeline.engine import pick_device, is_oom
-    dev = pick_device(args.device)
+    dev = pick_device(device)
     cuda = dev.type == "cuda"
-    size = args.size or (512 if cuda else 64)
-    batches = [int(b) for b in str(args.batch).split(",")] if args.batch else ([16] if cuda else [4])
-    steps = args.steps or (50 if cuda else 5)
-    preset = args.preset or ("denoise" if cuda else "fast")
+    size = size or (512 if cuda else 64)
+    batches = [int(b) for b in str(batch).split(",")] if batch else ([16] if cuda else [4])
+    steps = steps or (50 if cuda else 5)
+    preset = preset or ("denoise" if cuda else "fast")
     base = make_config("denoise", preset=preset)
-    precisions = [args.precision] if args.precision else (["tf32", "bf16"] if cuda else ["fp32"])
-    convs = [c.strip() for c in str(getattr(args, "conv", None) or "auto").split(",")]
+    precisions = [precision] if precision else (["tf32", "bf16"] if cuda else ["fp32"])
+    convs = [c.strip() for c in str(conv or "auto").split(",")]
     from pipeline.generator import CONV_MODES
     for c in convs:
         if c not in CONV_MODES:
             print(f"dip bench speed: --conv {c!r}: choose from {', '.join(CONV_MODES)}", file=sys.stderr)
             return 2
-    n_prof = int(getattr(args, "profile", 0) or 0)
+    n_prof = int(profile or 0)
     rows = []
     from pipeline.work import cost_for
     cost = cost_for(base, (size, size), 3)
@@ -195,8 +198,8 @@ def speed_main(args) -> int:
            "steps_timed": steps, "preset_steps": base.steps,
            "work": cost.record(base.steps), "rows": rows,
            "torch": torch.__version__}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    if json:
+        with open(json, "w") as f:
+            _json.dump(out, f, indent=1)
     sys.stdout.flush()
     return 0

@@ -350,33 +350,35 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     return p
 
 
-def main(args) -> int:
-    if getattr(args, "table", None):
-        print_tables(read_rows(Path(args.table)))
+def main(suite: str = "denoise,sr,inpaint", part: str = "tune", variants: str | None = None, crop: int = 64,
+         sigma: float | None = None, margin: int = 1000, seed: int = 0, max_steps: int | None = None,
+         images: str | None = None, threads: int = 1, out: str = "docs/study/study.jsonl", table: str | None = None,
+         data=None) -> int:
+    """`dip bench study` (the options of :func:`build_parser`). Returns the exit code."""
+    if table:
+        print_tables(read_rows(Path(table)))
         return 0
     import torch
-    torch.set_num_threads(max(1, int(args.threads)))
-    suites = [s.strip() for s in args.suite.split(",") if s.strip()]
+    torch.set_num_threads(max(1, int(threads)))
+    suites = [s.strip() for s in suite.split(",") if s.strip()]
     for s in suites:
         if s not in SPLIT:
             print(f"dip bench study: unknown suite {s!r}", file=sys.stderr)
             return 2
-    names = [n.strip() for n in args.variants.split(",")] if args.variants else None
+    names = [n.strip() for n in variants.split(",")] if variants else None
     try:
         for s in suites:
             variants_for(s, names)
     except ValueError as e:
         print(f"dip bench study: {e}", file=sys.stderr)
         return 2
-    margin = None if args.margin < 0 else args.margin
-    out = Path(args.out)
-    rc = run(suites, args.part, names, args.crop, out, sigma=args.sigma, margin=margin, seed=args.seed,
-             data=args.data, max_steps=args.max_steps,
-             images=[n.strip() for n in args.images.split(",")] if args.images else None)
-    print_tables(read_rows(out))
+    path = Path(out)
+    rc = run(suites, part, names, crop, path, sigma=sigma, margin=None if margin < 0 else margin, seed=seed,
+             data=data, max_steps=max_steps, images=[n.strip() for n in images.split(",")] if images else None)
+    print_tables(read_rows(path))
     return rc
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    sys.exit(main(build_parser().parse_args()))
+    sys.exit(main(**vars(build_parser().parse_args())))

@@ -41,7 +41,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from pipeline.io import read_json
-from pipeline.manifest import MANIFEST_NAME
+from pipeline.job.manifest import MANIFEST_NAME
 
 log = logging.getLogger("dip.report")
 
@@ -686,9 +686,9 @@ def build(out_dir, announce: bool = True) -> Path:
     return path
 
 
-def main(args) -> int:
+def main(out) -> int:
     """``dip report OUT``: rebuild OUT/report.html; exit 2 when OUT has no manifest and no results."""
-    out = Path(args.out)
+    out = Path(out)
     if not out.is_dir():
         print(f"dip: error: {out}: no such directory", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 Inputs
 ------
-``discover()`` turns the command line's INPUTs into :class:`WorkItem` s:
+``discover()`` turns the command line's INPUTs into :class:`Input` s (an input file, its mask and
+reference, its row's options and its output id):
 
 * an image file -> one item, written to ``OUT/<stem>.png``;
 * a directory -> every image file below it (recursive, filtered by ``--glob``), written to
@@ -87,7 +88,7 @@ class UsageError(ValueError):
 
 
 @dataclass
-class WorkItem:
+class Input:
     id: str  # output path relative to OUT, posix, without suffix
     input: str
     mask: str | None = None
@@ -106,6 +107,12 @@ def canonical_json(obj) -> str:
 
 def sha256_text(s: str) -> str:
     return hashlib.sha256(s.encode()).hexdigest()
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line for a message or a manifest record (at most 600 characters)."""
+    s = " ".join(str(e).split()) or type(e).__name__
+    return s if len(s) < 600 else s[:597] + "..."
 
 
 # ---- inputs ----------------------------------------------------------------------------------------
@@ -133,16 +140,16 @@ def _under(path: Path, root: Path) -> bool:
         return False
 
 
-def discover(inputs: list[str], out: Path, pattern: str = "*", task: str = "denoise") -> list[WorkItem]:
+def discover(inputs: list[str], out: Path, pattern: str = "*", task: str = "denoise") -> list[Input]:
     """Expand files, directories and manifests into work items (see the module docstring)."""
-    items: list[WorkItem] = []
+    items: list[Input] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
             for f in sorted(p.rglob(pattern)):
                 if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES or _is_mask_name(f) or _under(f, out):
                     continue
-                it = WorkItem(id="", input=str(f.resolve()))
+                it = Input(id="", input=str(f.resolve()))
                 if task == "inpaint":
                     masks = sorted(f.parent.glob(f"{f.stem}_mask.*"))
                     if masks:
@@ -152,7 +159,7 @@ def discover(inputs: list[str], out: Path, pattern: str = "*", task: str = "deno
         elif p.suffix.lower() in MANIFEST_SUFFIXES:
             items.extend(read_manifest(p, out))
         elif p.exists() or p.suffix.lower() in IMAGE_SUFFIXES:
-            it = WorkItem(id="", input=str(p.resolve()))
+            it = Input(id="", input=str(p.resolve()))
             _set_id(it, out, Path(p.stem))
             items.append(it)
         else:
@@ -171,7 +178,7 @@ def discover(inputs: list[str], out: Path, pattern: str = "*", task: str = "deno
     return items
 
 
-def _set_id(it: WorkItem, out: Path, rel) -> None:
+def _set_id(it: Input, out: Path, rel) -> None:
     try:
         it.id = safe_rel(out, rel)
     except ValueError as e:
@@ -207,12 +214,12 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def read_manifest(path: Path, out: Path) -> list[WorkItem]:
+def read_manifest(path: Path, out: Path) -> list[Input]:
     base = path.resolve().parent
     items = []
     for n, row in _read_rows(path):
         where = f"{path}:{n}"
-        it = WorkItem(id="", input=where)
+        it = Input(id="", input=where)
         items.append(it)
         if "!error" in row:
             it.error = f"{where}: {row['!error']}"

@@ -117,7 +117,7 @@ def make_session(model_bytes: bytes, provider: str = "auto", verbose: bool | Non
 def load_model(path):
     """Read and check a dip ONNX file. Returns (model bytes, metadata dict). Raises RenderError."""
     import onnx
-    from pipeline.export import FORMAT, FORMAT_VERSION
+    from pipeline.onnx.export import FORMAT, FORMAT_VERSION
     path = Path(path)
     if not path.is_file():
         raise RenderError(path, "no such file")
@@ -239,11 +239,12 @@ def _targets(model_arg: Path, out_arg: str | None) -> list[tuple[Path, Path]]:
     return [(model_arg, dest)]
 
 
-def main(args) -> int:
+def main(model: str, output: str | None = None, provider: str = "auto") -> int:
+    """`dip render MODEL|DIR [-o OUT] [--provider P]`; returns the exit code."""
     from pipeline.io import ImageError, save_image
-    model_arg = Path(args.model)
-    out_arg = getattr(args, "output", None)
-    provider = getattr(args, "provider", "auto") or "auto"
+    model_arg = Path(model)
+    out_arg = output
+    provider = provider or "auto"
     if not model_arg.exists():
         print(f"dip: error: {model_arg}: no such file or directory", file=sys.stderr)
         return 2
@@ -267,7 +268,6 @@ def main(args) -> int:
         note = ""
         try:
             if model.name.endswith(".tiles.json"):  # a tiled image: one model per tile, blended
-                from pipeline.tiling import render_tiled
                 img, used = render_tiled(model, provider), f"{provider} (tiles)"
             else:
                 data, meta = load_model(model)  # read once: for the render and for its note
@@ -286,3 +286,60 @@ def main(args) -> int:
             print(f"dip: {len(failures)} of {len(pairs)} model(s) failed", file=sys.stderr)
         return 1
     return 0
+
+
+# ---- a tiled image (or an ensemble): its layout file ----------------------------------------------------
+def is_layout(path) -> bool:
+    return str(path).endswith(".tiles.json")
+
+
+def render_tiled(layout_path, provider: str = "auto"):
+    """Render a tiled image (an ImageData) from ``<stem>.tiles.json``: each tile's model (this module's session code),
+    copied tiles from their PNGs, blended with the layout's weights; alpha from the alpha PNG.
+    Raises RenderError naming the file."""
+    import json
+    from pipeline.io import ImageData, ImageError, load_image
+    from pipeline.tiling import LAYOUT_FORMAT, LAYOUT_VERSION, Tile
+    layout_path = Path(layout_path)
+    try:
+        doc = json.loads(layout_path.read_text())
+    except (OSError, ValueError) as e:
+        raise RenderError(layout_path, f"unreadable tile layout: {e}") from None
+    if not isinstance(doc, dict) or doc.get("dip_format") != LAYOUT_FORMAT:
+        raise RenderError(layout_path, "not a dip tile layout (no dip_format 'dip-tiles')")
+    if int(doc.get("dip_format_version", 0)) > LAYOUT_VERSION:
+        raise RenderError(layout_path, f"written by a newer dip (tile layout version {doc['dip_format_version']})")
+    W, H = doc["output_size"]
+    C, bits, f = int(doc["channels"]), int(doc["bits"]), int(doc["factor"])
+    acc = np.zeros((H, W, C), np.float32)
+    wsum = np.zeros((H, W), np.float32)
+    base = layout_path.parent
+    for e in doc["tiles"]:
+        t = Tile.from_dict(e, f)
+        if "model" in e:
+            img, _used = render_model(base / e["model"], provider)
+        elif "image" in e:
+            try:
+                img = load_image(base / e["image"])
+            except ImageError as err:
+                raise RenderError(base / e["image"], err.reason) from None
+        else:
+            raise RenderError(layout_path, f"tile {t.index} names neither a model nor an image")
+        Y0, X0, Y1, X1 = t.out_box
+        if img.shape != (Y1 - Y0, X1 - X0) or img.channels != C:
+            raise RenderError(layout_path, f"tile {t.index} rendered {img.shape[1]}x{img.shape[0]}x{img.channels}, "
+                                           f"the layout says {X1 - X0}x{Y1 - Y0}x{C}")
+        wt = t.weights()
+        acc[Y0:Y1, X0:X1] += img.pixels * wt[:, :, None]
+        wsum[Y0:Y1, X0:X1] += wt
+    if not (wsum > 0).all():
+        raise RenderError(layout_path, "the tiles do not cover the image")
+    alpha = None
+    if doc.get("alpha"):
+        try:
+            a = load_image(base / doc["alpha"])
+        except ImageError as err:
+            raise RenderError(base / doc["alpha"], err.reason) from None
+        alpha = a.pixels[:, :, 0]
+    return ImageData(np.clip(acc / wsum[:, :, None], 0.0, 1.0), alpha, bits, str(layout_path),
+                     source_metadata(layout_path, doc.get("source_metadata")))

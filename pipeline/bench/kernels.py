@@ -1,6 +1,6 @@
 """Parity and speed of the fused CUDA data-term kernels against the torch reference (needs a CUDA GPU).
 
-    python -m kernels.bench [--json PATH] [--batch 16] [--size 512] [--iters 30] [--fit-steps 50]
+    python -m pipeline.bench.kernels [--json PATH] [--batch 16] [--size 512] [--iters 30] [--fit-steps 50]
                             [--step-batch 8] [--step-steps 5] [--no-step] [--no-fit]
 
 1. Parity at B x 3 x size^2 (masked) and SR x4 (size/4 low-res): per-image loss relative error and
@@ -140,7 +140,7 @@ def fit_compare(task: str, size: int, steps: int, seed: int = 0):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m pipeline.bench.kernels", description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=512)
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
 
     import torch
     if not torch.cuda.is_available():
-        print("kernels.bench needs a CUDA GPU (torch sees none)", file=sys.stderr)
+        print("pipeline.bench.kernels needs a CUDA GPU (torch sees none)", file=sys.stderr)
         return 2
     from kernels.autograd import DownsampledMSE, MaskedMSE
     from kernels.dispatch import kernels_available

@@ -53,18 +53,18 @@ as :func:`pipeline.io.encode_meta` writes them: ``dip render`` puts them in its 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import FitConfig, NetConfig
+from pipeline.config import VERSION, FitConfig, NetConfig
 from pipeline.generator import BN_EPS, SkipGenerator, build_specs
-from pipeline.io import encode_meta
+from pipeline.io import ImageData, encode_meta
 
 FORMAT = "dip-onnx"
 FORMAT_VERSION = 1
@@ -143,7 +143,6 @@ def build_render_generator(cfg: FitConfig, channels: int, weights: torch.Tensor,
 
 
 def _metadata(result, cfg: FitConfig, channels: int, dtype: str, canvas, out_hw, weights_sha: str) -> dict:
-    from pipeline.api import VERSION
     p = result.problem
     img = result.image
     net = cfg.net.with_channels(channels)
@@ -307,7 +306,6 @@ def to_onnx_model(result, dtype: str = "fp32"):
     """Build the ONNX ModelProto of a :class:`pipeline.api.Result` (see the module doc)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-    from pipeline.api import VERSION
     from pipeline.io import to_uint
 
     if dtype not in ("fp32", "fp16"):
@@ -365,73 +363,70 @@ def read_metadata(model) -> dict:
     return {e.key: e.value for e in model.metadata_props}
 
 
-# ---- measurement ---------------------------------------------------------------------------------
-def bench_render(size: int = 256, preset: str = "denoise", channels: int = 3, repeats: int = 5,
-                 device: str = "auto", seed: int = 0, threads: int = 0, out: str | None = None) -> dict:
-    """Time one render of a (randomly initialised) generator: torch eager vs onnxruntime.
+# ---- a tiled image (or an ensemble): one model per tile + a layout file ------------------------------
+def tiled_files(result, stem: str, dtype: str = "fp32") -> dict[str, bytes]:
+    """The files of a tiled image's ONNX export, name -> bytes: ``<stem>.tNNN.onnx`` per fitted tile,
+    ``<stem>.tNNN.png`` per copied tile, ``<stem>.tiles.alpha.png`` when the image has alpha, and the
+    layout ``<stem>.tiles.json`` (listed last: write it last, it is the one ``dip render`` reads)."""
+    from pipeline.generator import make_input
+    from pipeline.io import encode_png
+    from pipeline.tiling import LAYOUT_FORMAT, LAYOUT_VERSION
+    lay = result.layout
+    p = lay.problem
+    files: dict[str, bytes] = {}
+    entries = []
+    for t in lay.tiles:
+        e = {**t.to_dict()}
+        if t.index in lay.copied:
+            y0, x0, y1, x1 = t.box
+            name = f"{stem}.t{t.index:03d}.png"
+            files[name] = encode_png(ImageData(p.image.pixels[y0:y1, x0:x1], None, p.image.bits))
+            e["image"] = name
+        else:
+            r = result.tiles[t.index]
+            if r.weights is None:
+                raise ValueError("the tiles have no generator weights: fit with keep_weights=True")
+            cfg = r.problem.cfg
+            if r.z is None:
+                H, W = r.problem.canvas
+                r = dataclasses.replace(r, z=make_input(cfg.input_kind, cfg.net.input_depth, H, W, r.problem.seed,
+                                                        cfg.input_scale))
+            # the tile's ImageData (pixels dropped after merging) only lends bits/mode to the metadata
+            r = dataclasses.replace(r, image=ImageData(np.zeros((1, 1, p.image.channels), np.float32), None,
+                                                       p.image.bits))
+            name = f"{stem}.t{t.index:03d}.onnx"
+            files[name] = to_onnx_model(r, dtype=dtype).SerializeToString()
+            e["model"] = name
+        entries.append(e)
+    alpha_name = None
+    if result.image.alpha is not None:
+        alpha_name = f"{stem}.tiles.alpha.png"
+        a = result.image.alpha
+        files[alpha_name] = encode_png(ImageData(a[:, :, None], None, result.image.bits))
+    H, W = lay.out_shape
+    doc = {"dip_format": LAYOUT_FORMAT, "dip_format_version": LAYOUT_VERSION, "dip_version": VERSION,
+           "source": p.source or p.name, "source_sha256": p.source_sha256, "task": p.cfg.task,
+           "preset": p.cfg.preset, "seed": p.seed, "bits": result.image.bits, "mode": result.image.mode,
+           "channels": p.image.channels, "output_size": [W, H], "factor": lay.factor, "tile": lay.tile,
+           "overlap": lay.overlap, "onnx_dtype": dtype, "alpha": alpha_name,
+           "renders_saved_image": p.cfg.renders_saved_image,
+           "source_metadata": encode_meta(result.image.meta),
+           "weights": "per tile: outer(axis_weights(h, wy), axis_weights(w, wx)) where a rule (a, ra, b, rb) "
+                      "is 1, times 0.5-0.5cos(pi(i+0.5)/ra) rising on [a, a+ra) and 0 before a (when a >= 0), "
+                      "times the falling mirror on [b, b+rb) and 0 after (when b >= 0); "
+                      "image = sum(w * tile) / sum(w)",
+           "tiles": entries}
+    files[f"{stem}.tiles.json"] = json.dumps(doc, indent=1).encode()
+    return files
 
-    torch eager runs the training-mode-BN SkipGenerator on ``device`` (CUDA when present); onnxruntime
-    renders the exported file with the best provider that works (``render.make_session``). Also reports
-    the fp32 and fp16 file sizes. ``threads``: torch and onnxruntime CPU threads (0: each one's default). For the GPU machine: ``python -c "from pipeline.export import
-    bench_render; print(bench_render(512))"``.
-    """
-    from types import SimpleNamespace
 
-    from pipeline.api import Problem
-    from pipeline.config import make_config
-    from pipeline.generator import SkipGenerator, init_slot_vector, make_input
-    from pipeline.io import ImageData
-    from pipeline.render import make_session
-
-    if threads:
-        torch.set_num_threads(threads)
-    task = "denoise"
-    cfg = make_config(task, preset=preset)
-    net = cfg.net.with_channels(channels)
-    specs = build_specs(net, 1)
-    w = init_slot_vector(specs, seed)
-    z = make_input(cfg.input_kind, net.input_depth, size, size, seed, cfg.input_scale)
-    p = Problem(image=ImageData(np.zeros((size, size, channels), np.float32), None, 8), cfg=cfg, seed=seed)
-    res = SimpleNamespace(problem=p, weights=w, z=z, image=p.image, steps=0)
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    G = SkipGenerator(net, 1, dev)
-    G.set_slot(0, w)
-    zz = z.unsqueeze(0).to(dev)
-    info: dict = {"size": size, "preset": preset, "params": int(w.numel()), "torch_device": str(dev),
-                  "torch_threads": torch.get_num_threads()}
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    with torch.no_grad():
-        G(zz)
-        sync()
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            G(zz)
-            sync()
-            ts.append(time.perf_counter() - t)
-    info["torch_eager_s"] = min(ts)
-    for dt in ("fp32", "fp16"):
-        t = time.perf_counter()
-        model = to_onnx_model(res, dtype=dt)
-        info[f"export_{dt}_s"] = time.perf_counter() - t
-        data = model.SerializeToString()
-        info[f"onnx_{dt}_bytes"] = len(data)
-        t = time.perf_counter()
-        sess, prov = make_session(data, "auto", threads=threads)
-        info[f"ort_{dt}_session_s"] = time.perf_counter() - t
-        sess.run(None, {})
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            sess.run(None, {})
-            ts.append(time.perf_counter() - t)
-        info[f"ort_{dt}_run_s"] = min(ts)
-        info[f"ort_{dt}_provider"] = prov
-    if out:
-        Path(out).write_text(json.dumps(info, indent=1))
-    return info
+def export_tiled(result, out_dir, stem: str | None = None, dtype: str = "fp32") -> Path:
+    """Write :func:`tiled_files` into ``out_dir`` (each atomically, the layout JSON last). Returns its path."""
+    from pipeline.io import write_bytes
+    out_dir = Path(out_dir)
+    stem = stem or Path(result.problem.source or result.problem.name).stem
+    path = None
+    for name, data in tiled_files(result, stem, dtype).items():
+        path = out_dir / name
+        write_bytes(path, data)
+    return path

@@ -1,0 +1,153 @@
+"""The Ray actor of `dip restore`: one long-lived fitting process per GPU (or per share of a node's cores).
+
+The actor protocol is a Ray streaming generator. ``FitWorker.fit(batch)`` is called with
+``num_returns="streaming"``; it first yields a ``started`` event (ids, pid, node), then one ``done`` or
+``error`` event per image *as each image finishes* (the engine yields results in finishing order). The
+actor runs its calls at once (``max_concurrency``: up to three calls and the driver's pings) and they all
+feed the one engine thread of the actor, through its :class:`Inbox`: a new call's images take the slots
+the earlier calls' images free, so the batch stays full from one call to the next. Each call waits for
+its own images' results, encodes them (PNG, JSON record, ONNX bytes: never arrays, never paths on its own
+node) while the engine goes on, and streams them back.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+from pathlib import Path
+
+from pipeline.batching import Feed
+from pipeline.job.manifest import now_iso, one_line
+
+log = logging.getLogger("dip.job")
+
+
+class Inbox(Feed):
+    """The actor's feed: the problems of every call, in arrival order. It never ends;
+    ``get(wait=False)`` returns None when it is empty, ``get(wait=True)`` blocks until a call adds some."""
+
+    def __init__(self):
+        import threading
+        self.cv = threading.Condition()
+        self.queue: collections.deque = collections.deque()
+
+    def put(self, problems: list) -> None:
+        with self.cv:
+            self.queue.extend(problems)
+            self.cv.notify_all()
+
+    def get(self, wait: bool):
+        with self.cv:
+            while not self.queue:
+                if not wait:
+                    return None
+                self.cv.wait()
+            return self.queue.popleft()
+
+
+class FitWorker:
+    """One long-lived fitting process (one GPU, or a share of a node's cores). See the module docstring.
+
+    It runs one engine thread: :func:`pipeline.tiling.fit_tiled` on an inbox that every ``fit`` call adds
+    its problems to, so the batch goes on from one call's images to the next without draining (Ray runs
+    the calls in threads: ``max_concurrency`` > 1). Each call waits for its own images' results, encodes
+    them (while the engine goes on) and streams them back. If the engine thread dies, every waiting call
+    fails (the driver retries its images) and the next call starts a new engine."""
+
+    def __init__(self, device: str, slots: int | None, use_kernels, keep_weights: bool, onnx_dtype: str,
+                 threads: int | None = None, tile: int | None = None, tile_overlap: int | None = None,
+                 max_memory: int | None = None):
+        import threading
+        import torch
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        self.tile, self.tile_overlap, self.max_memory = tile, tile_overlap, max_memory
+        self.device = device
+        self.slots = slots
+        self.use_kernels = use_kernels
+        self.keep_weights = keep_weights
+        self.onnx_dtype = onnx_dtype
+        self._lock = threading.Lock()
+        self._engine = None  # the engine thread
+        self._inbox: Inbox | None = None
+        self._owners: dict[int, tuple] = {}  # id(problem) -> (the call's result queue, image id, the problem)
+
+    def info(self) -> dict:
+        import ray
+        ctx = ray.get_runtime_context()
+        return {"pid": os.getpid(), "node": ctx.get_node_id(), "host": socket.gethostname(), "device": self.device,
+                "gpus": [str(g) for g in ray.get_gpu_ids()]}
+
+    def _start_engine(self) -> None:
+        """(Under the lock.) A new inbox and engine thread, unless one is running."""
+        import threading
+        if self._engine is not None and self._engine.is_alive():
+            return
+        self._inbox = Inbox()
+        self._engine = threading.Thread(target=self._run_engine, args=(self._inbox,), name="dip-engine",
+                                        daemon=True)
+        self._engine.start()
+
+    def _run_engine(self, inbox: Inbox) -> None:
+        from pipeline.engine import pick_device
+        from pipeline.fit import fit_tiled
+        try:
+            dev = pick_device(self.device)
+            # the batched engine; images too large for one fit (or above --tile / --max-memory) go as tiles
+            for p, res in fit_tiled(inbox, device=dev, slots=self.slots, tile=self.tile,
+                                    overlap=self.tile_overlap, max_memory=self.max_memory,
+                                    keep_weights=self.keep_weights, use_kernels=self.use_kernels):
+                with self._lock:
+                    owner = self._owners.pop(id(p), None)
+                if owner is not None:
+                    owner[0].put((owner[1], res))
+        except BaseException as e:  # noqa: BLE001 - every waiting call must hear of it
+            log.exception("the fitting engine stopped")
+            with self._lock:
+                if self._inbox is inbox:
+                    self._engine, self._inbox = None, None
+                owners, self._owners = self._owners, {}
+            for q, _key, _p in owners.values():
+                q.put((None, e))
+
+    def fit(self, batch: list):
+        """batch: [(id, Problem)]. Yields a 'started' event, then one 'done'/'error' event per image."""
+        import queue
+        info = self.info()
+        yield {"kind": "started", "ids": [k for k, _ in batch], "time": now_iso(), "worker": info}
+        results: queue.Queue = queue.Queue()
+        with self._lock:
+            self._start_engine()
+            for k, p in batch:
+                self._owners[id(p)] = (results, k, p)  # the problem is held, so its id is not reused
+            self._inbox.put([p for _, p in batch])
+        for _ in range(len(batch)):
+            key, res = results.get()
+            if key is None:
+                raise RuntimeError(f"the fitting engine stopped: {one_line(res)}") from res
+            if isinstance(res, Exception):
+                yield {"kind": "error", "id": key, "error": one_line(res), "time": now_iso()}
+                continue
+            try:
+                yield {"kind": "done", "id": key, "time": now_iso(), **self._encode(key, res)}
+            except Exception as e:  # noqa: BLE001
+                yield {"kind": "error", "id": key, "error": f"encoding the result: {one_line(e)}", "time": now_iso()}
+
+    def _encode(self, key: str, res) -> dict:
+        """The result's files as bytes, for the driver to write (nothing is written here)."""
+        from pipeline.io import encode_png
+        ev = {"png": encode_png(res.image), "record": res.record(), "onnx": None, "onnx_error": None}
+        if self.keep_weights:
+            try:
+                from pipeline.onnx import export
+                from pipeline.tiling import TiledResult
+                if isinstance(res, TiledResult):  # one model per tile + <stem>.tiles.json
+                    ev["onnx_files"] = export.tiled_files(res, Path(key).name, self.onnx_dtype)
+                else:
+                    ev["onnx"] = export.to_onnx_model(res, dtype=self.onnx_dtype).SerializeToString()
+            except ImportError:
+                pass
+            except Exception as e:  # noqa: BLE001
+                ev["onnx_error"] = one_line(e)
+        return ev

@@ -1,0 +1,444 @@
+"""The driver of `dip restore`: one loop that feeds the workers, records what they send back, and stops.
+
+The driver (this process) expands the inputs (pipeline.job.manifest), reads and decodes every image, mask
+and reference itself (so it alone needs the input files: no shared filesystem is assumed), hashes them,
+skips what is already done (pipeline.job.resume), and ships the decoded problems to the actors
+(pipeline.job.pool) through Ray's object store. It writes every output under ``--out`` on its own
+filesystem (pipeline.job.outputs).
+
+Faults: a dead actor's calls raise; their unfinished images go back to the front of the queue. Each failed
+call counts against its images: after ``--max-retries`` failures an image is marked failed with its last
+error, and the job goes on. A bad input fails at once, in the driver, and is not retried. Ctrl-C (or
+SIGTERM, as ``ray job stop`` sends) stops cleanly: finished images stay finished, the manifest is flushed,
+exit code 130. A full OUT stops the job at once: exit code 1.
+
+Exit codes: 0 every image done; 1 some failed or were skipped (listed at the end and in the manifest),
+or OUT ran out of space; 2 bad usage (no inputs, unreadable manifest, no usable worker, OUT locked); 130
+interrupted.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+# Everything the driver runs is imported here, before it joins Ray: inside a Ray job (`ray job submit
+# --working-dir`, deploy/submit), Ray removes the job's unpacked working directory, from which this code
+# was imported, when the driver connects (seen with Ray 2.60), so an import after ray.init would fail.
+from pipeline.config import PRESETS
+from pipeline.job import report
+from pipeline.job.manifest import MANIFEST_NAME, Input, JobManifest, UsageError, discover, now_iso, one_line
+from pipeline.job.options import JobOptions
+from pipeline.job.outputs import NO_SPACE, OutOfSpace, write_result
+from pipeline.job.pool import MAX_CALLS_PER_ACTOR, Call, Pool, init_ray
+from pipeline.job.progress import Progress
+from pipeline.job.resume import Entry, Outcome, outputs, prepare
+
+log = logging.getLogger("dip.job")
+
+LOCK_NAME = ".dip-job.lock"
+
+
+class Interrupted(Exception):
+    pass
+
+
+def run(opts: JobOptions) -> int:
+    """Run a whole job (the `dip restore` command, from Python). Returns the exit code."""
+    out = Path(opts.out)
+    try:  # the job's own options must make a valid config (manifest rows are checked per row)
+        opts.check()
+    except ValueError as e:
+        print(f"dip: error: {e}", file=sys.stderr)
+        return 2
+    if out.exists() and not out.is_dir():
+        print(f"dip: error: --out {out} is not a directory", file=sys.stderr)
+        return 2
+    try:
+        items = discover(opts.inputs, out, opts.glob, opts.task)
+    except UsageError as e:
+        print(f"dip: error: {e}", file=sys.stderr)
+        return 2
+    if not items:
+        print("dip: error: no input images found", file=sys.stderr)
+        return 2
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = _lock(out)
+    except OSError as e:
+        print(f"dip: error: cannot write to --out {out}: {one_line(e)}", file=sys.stderr)
+        return 2
+    if lock is None:
+        print(f"dip: error: another dip restore is writing to {out} ({out / LOCK_NAME} is locked)", file=sys.stderr)
+        return 2
+    try:
+        return Driver(opts, out, items).run()
+    finally:
+        _unlock(out, lock)
+
+
+def _lock(out: Path):
+    """OUT/.dip-job.lock, locked (flock) by this process; None if another job holds it. The file is
+    removed when the job ends (:func:`_unlock`), so a lock is taken only on a file still at that path."""
+    import fcntl
+    import os
+    path = out / LOCK_NAME
+    for _ in range(10):
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            return None
+        try:  # the job before us may have removed the file between our open and our lock: take the new one
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                return f
+        except FileNotFoundError:
+            pass
+        f.close()
+    return None
+
+
+def _unlock(out: Path, lock) -> None:
+    """Remove the lock file, then release it (no job is left waiting on the removed file: see _lock)."""
+    import os
+    with contextlib.suppress(OSError):
+        os.unlink(out / LOCK_NAME)
+    lock.close()
+
+
+class Driver:
+    """One run of a job over its inputs: see the module docstring."""
+
+    def __init__(self, opts: JobOptions, out: Path, items: list[Input]):
+        self.opts = opts
+        self.out = out.resolve()
+        self.items = items
+        self.max_retries = max(0, int(opts.max_retries if opts.max_retries is not None else 3))
+        self.manifest = JobManifest(out)
+        self.pool = Pool(opts)
+        self.entries: dict[str, Entry] = {}  # the images being fitted, by id
+        self.feed = collections.deque(items)  # inputs not yet looked at
+        self.retry: collections.deque[Entry] = collections.deque()  # images to send again
+        self.counts = collections.Counter()
+        self.fitted = 0
+        self.occupancy = [0.0, 0.0]  # the fitted images' batch occupancy, weighted by their steps: sum, weight
+        self.t0 = time.time()
+        self.t_ready = time.time()
+        self.bar: Progress | None = None
+        self.cpu_default_said = False
+
+    # ---- the run --------------------------------------------------------------------------------------
+    def run(self) -> int:
+        import ray
+        try:
+            started_ray, address = init_ray(self.opts)
+        except Exception as e:  # noqa: BLE001
+            print(f"dip: error: cannot start or join Ray: {one_line(e)}", file=sys.stderr)
+            return 2
+        old_term, old_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+        in_main = threading.current_thread() is threading.main_thread()
+        if in_main:
+            # SIGINT too, explicitly: a process started in the background of a script inherits SIGINT
+            # ignored, and Python then never raises KeyboardInterrupt, so `kill -INT` did nothing
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+            signal.signal(signal.SIGINT, _raise_interrupt)
+        run = None
+        status = "finished"
+        try:
+            try:
+                self.pool.start()
+            except UsageError as e:
+                print(f"dip: error: {e}", file=sys.stderr)
+                return 2
+            self.t_ready = time.time()
+            run = self.manifest.start_run(argv=sys.argv, ray_address=address, device=self.pool.device,
+                                          actors=len(self.pool.workers), host=socket.gethostname())
+            self.bar = Progress(len(self.items), self.opts.quiet)
+            self.loop()
+        except (KeyboardInterrupt, Interrupted):
+            status = "interrupted"
+            print("dip: interrupted; finished images are kept, the rest is redone by the same command",
+                  file=sys.stderr)
+        except OutOfSpace as e:
+            status = "out of space"
+            print(f"dip: error: {e}\ndip: stopped: the output folder cannot take more files. Finished images are "
+                  f"kept; free space and run the same command again to do the rest.", file=sys.stderr)
+        finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, old_term)
+                signal.signal(signal.SIGINT, old_int)
+            if self.bar is not None:
+                self.bar.close()
+            self.close_run(run, status)
+            self.pool.shutdown()
+            if started_ray:
+                with contextlib.suppress(Exception):
+                    ray.shutdown()
+        try:  # OUT/report.html (pipeline.job.report); a report failure never fails the job
+            report.build(self.out)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not write the report %s: %s", self.out / "report.html", one_line(e))
+        if status == "interrupted":
+            return 130
+        rc = self.summary()
+        return 1 if status == "out of space" else rc
+
+    def loop(self) -> None:
+        """Feed the workers, wait for their events, record them, until every image has an end."""
+        import ray
+        pool = self.pool
+        while True:
+            # workers that failed: ping them; give up when none has worked for too long
+            self.check_workers()
+            # backpressure: round-robin, each worker gets a call before any gets two
+            for _round in range(MAX_CALLS_PER_ACTOR):
+                for w in pool.workers:
+                    if pool.has_room(w):
+                        self.submit(w)
+            calls = pool.calls()
+            pings = [w for w in pool.workers if w.ping is not None]
+            if not calls and not self.feed and not self.retry:
+                break
+            if not calls and not pings:
+                time.sleep(0.2)
+                continue
+            # the next event of any call, or a ping's answer
+            ready, _ = ray.wait([c.gen for c in calls] + [w.ping for w in pings], num_returns=1, timeout=1.0)
+            for g in ready:
+                w = next((w for w in pings if _same(w.ping, g)), None)
+                if w is not None:
+                    pool.on_ping(w)
+                    continue
+                self.next_event(next(c for c in calls if _same(c.gen, g)))
+            # the bar and the manifest, at most about once a second
+            self.bar.refresh(self.counts, self.fitted)
+            try:
+                self.manifest.flush()
+            except OSError as e:
+                if e.errno in NO_SPACE:
+                    raise OutOfSpace(f"{self.manifest.path}: cannot write the manifest: {one_line(e)}") from None
+                raise
+
+    def next_event(self, call: Call) -> None:
+        import ray
+        try:
+            ref = next(call.gen)
+            self.on_event(call, ray.get(ref))
+        except StopIteration:
+            for key in list(call.ids):  # should not happen: every image reports
+                entry = self.entries.get(key)
+                if entry is not None:
+                    self.retry_or_fail(entry, "the worker returned no result")
+            call.worker.calls.remove(call)
+        except ray.exceptions.RayError as e:
+            self.on_call_error(call, e)
+            call.worker.calls.remove(call)
+
+    def close_run(self, run: dict | None, status: str) -> None:
+        """The images still in flight go back to pending; the run's record; the manifest, flushed."""
+        for entry in list(self.entries.values()):
+            self.manifest.update(entry.input.id, status="pending", error=None if status == "finished" else status)
+        counts = {k: self.counts[k] for k in ("done", "failed", "skipped")}
+        counts.update(fitted=self.fitted, pending=len(self.items) - sum(self.counts.values()))
+        if run is not None:
+            run.update(finished=now_iso(), status=status, counts=counts, batch_occupancy=self.batch_occupancy(),
+                       seconds=round(time.time() - self.t0, 3),
+                       seconds_after_startup=round(time.time() - self.t_ready, 3))
+        try:
+            self.manifest.flush(force=True)
+        except OSError as e:
+            print(f"dip: warning: the manifest could not be updated ({one_line(e)}); each image's JSON "
+                  f"still marks it done, so the same command will not redo finished images", file=sys.stderr)
+
+    # ---- feeding the workers ----------------------------------------------------------------------------
+    def submit(self, w) -> bool:
+        n = self.pool.call_size()
+        left = len(self.feed) + len(self.retry)  # an upper bound: some of the feed may need no fitting
+        n = max(1, min(n, -(-left // max(1, len(self.pool.workers)))))  # share a short queue among the actors
+        batch = self.take(n)
+        if not batch:
+            return False
+        self.pool.submit(w, [(e.input.id, e.problem) for e in batch])
+        return True
+
+    def take(self, n: int) -> list[Entry]:
+        """Up to ``n`` images to fit: the retries first, then new inputs (prepared: hashed, decoded)."""
+        batch = []
+        while len(batch) < n and self.retry:
+            batch.append(self.retry.popleft())
+        while len(batch) < n and self.feed:
+            it = self.feed.popleft()
+            self.note_cpu_default(it)
+            got = prepare(it, self.opts, self.manifest, self.pool.device, self.out)
+            if isinstance(got, Outcome):
+                self.final(got.status, got.message)
+                continue
+            self.entries[it.id] = got
+            batch.append(got)
+        return batch
+
+    def note_cpu_default(self, it: Input) -> None:
+        if not self.cpu_default_said and self.opts.uses_cpu_default(self.pool.device, it.options):
+            self.cpu_default_said = True
+            steps = self.opts.row_options(it.options)["steps"]
+            log.info("no GPU: using the small 'fast' preset (4 scales, <=64 channels, %s steps) so that a CPU "
+                     "fit takes minutes, not hours; pass --preset to choose another",
+                     PRESETS["fast"].steps if steps in (None, "auto") else steps)
+
+    def check_workers(self) -> None:
+        """Ping the workers that failed; fail the images when no worker has worked for too long."""
+        import os
+        self.pool.ping_unhealthy()
+        limit = float(os.environ.get("DIP_ACTOR_TIMEOUT", 600))
+        if self.pool.down_for() > limit:
+            for entry in list(self.retry):
+                self.retry.remove(entry)
+                self.entries.pop(entry.input.id, None)
+                self.fail(entry.input.id, f"{entry.input.input}: no worker has been available for {limit:.0f} s")
+            while self.feed:
+                it = self.feed.popleft()
+                self.manifest.update(it.id, input=it.input)
+                self.fail(it.id, f"{it.input}: no worker has been available for {limit:.0f} s")
+
+    # ---- what the workers send back ---------------------------------------------------------------------
+    def on_event(self, call: Call, ev: dict) -> None:
+        kind = ev.get("kind")
+        if kind == "started":
+            call.started = True
+            call.worker.info = ev["worker"]
+            w = {k: ev["worker"].get(k) for k in ("node", "host", "pid", "device")}
+            for key in ev["ids"]:
+                rec = self.manifest.get(key) or {}
+                self.manifest.update(key, status="running", started=ev["time"],
+                                     attempts=int(rec.get("attempts") or 0) + 1, worker=w)
+            return
+        key = ev["id"]
+        if key in call.ids:
+            call.ids.remove(key)
+        entry = self.entries.get(key)
+        if entry is None:
+            return
+        if kind == "done":
+            self.write(entry, ev)
+        else:
+            self.retry_or_fail(entry, ev.get("error", "unknown error"))
+
+    def write(self, entry: Entry, ev: dict) -> None:
+        """Write one image's outputs; OUT full: back to pending, and the job stops (OutOfSpace)."""
+        key = entry.input.id
+        dest = self.out / key
+        rec = self.manifest.get(key) or {}
+        finished = ev["time"]
+        seconds = ev["record"].get("seconds")
+        job = {"id": key, "hash": entry.hash, "options_sha256": rec.get("options_sha256"),
+               "input_sha256": rec.get("input_sha256"), "started": rec.get("started"), "finished": finished,
+               "seconds": seconds, "attempts": rec.get("attempts"), "worker": rec.get("worker"),
+               "run": self.manifest.run_no}
+        try:
+            write_result(dest, ev, job)
+        except OSError as e:
+            err = f"{dest}: cannot write the outputs: {one_line(e)}"
+            self.entries.pop(key, None)
+            if e.errno in NO_SPACE:  # not this image's fault: it goes back to pending and the job stops
+                self.manifest.update(key, status="pending", error=err)
+                raise OutOfSpace(err) from None
+            self.manifest.update(key, status="failed", error=err, finished=finished)
+            self.final("failed", f"dip: {err}")
+            return
+        self.manifest.update(key, status="done", error=None, finished=finished, seconds=seconds,
+                             outputs=outputs(key, ev.get("onnx") is not None), onnx_error=ev.get("onnx_error"))
+        self.fitted += 1
+        b = ev["record"].get("batch")
+        if isinstance(b, dict) and isinstance(b.get("occupancy"), (int, float)):
+            w = float(ev["record"].get("steps") or 1)
+            self.occupancy[0] += b["occupancy"] * w
+            self.occupancy[1] += w
+        self.entries.pop(key, None)
+        msg = None
+        if not self.opts.quiet:
+            msg = f"{entry.input.input} -> {dest}.png ({ev['record'].get('steps')} steps, {seconds} s"
+            m = ev["record"].get("metrics") or {}
+            if m:
+                msg += f", PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}"
+            msg += ")"
+        self.final("done", msg)
+
+    def retry_or_fail(self, entry: Entry, err: str) -> None:
+        entry.failures.append(err)
+        key = entry.input.id
+        if len(entry.failures) > self.max_retries:
+            self.entries.pop(key, None)
+            e = err if entry.input.input in err else f"{entry.input.input}: {err}"
+            self.manifest.update(key, failures=len(entry.failures))
+            self.fail(key, f"{e} (gave up after {len(entry.failures)} tries)")
+        else:
+            log.warning("%s: %s; retrying (%d/%d)", entry.input.input, err, len(entry.failures), self.max_retries)
+            rec = self.manifest.update(key, status="pending", error=err, failures=len(entry.failures))
+            rec["requeued"] = int(rec.get("requeued") or 0) + 1
+            self.retry.append(entry)
+
+    def on_call_error(self, call: Call, exc: BaseException) -> None:
+        err = f"worker failed: {type(exc).__name__}: {one_line(exc)}"[:400]
+        for key in list(call.ids):
+            entry = self.entries.get(key)
+            if entry is None:
+                continue
+            if call.started or entry.lost >= 10:
+                self.retry_or_fail(entry, err)
+            else:  # never reached the actor: back to the queue, not charged
+                entry.lost += 1
+                rec = self.manifest.update(key, status="pending")
+                rec["requeued"] = int(rec.get("requeued") or 0) + 1
+                self.retry.append(entry)
+        call.ids.clear()
+        self.pool.on_call_error(call, exc)
+
+    # ---- bookkeeping ------------------------------------------------------------------------------------
+    def final(self, status: str, msg: str | None = None) -> None:
+        """One image came to an end in this run: count it, show it."""
+        self.counts[status] += 1
+        if self.bar is not None:
+            self.bar.image(self.counts, self.fitted, msg)
+        elif msg:
+            print(msg, file=sys.stderr)
+
+    def fail(self, key: str, err: str, status: str = "failed") -> None:
+        self.manifest.update(key, status=status, error=err, finished=now_iso())
+        self.final(status, f"dip: {err}" if status == "failed" else f"dip: skipped: {err}")
+
+    def batch_occupancy(self) -> float | None:
+        """The mean share of the batch's slots that were fitting while this run's images were fitted."""
+        return round(self.occupancy[0] / self.occupancy[1], 3) if self.occupancy[1] else None
+
+    def summary(self) -> int:
+        bad = [(k, r) for k, r in self.manifest.images.items()
+               if r.get("run") == self.manifest.run_no and r.get("status") in ("failed", "skipped")]
+        el = time.time() - self.t0
+        occ = self.batch_occupancy()
+        log.info("%d done (%d fitted now), %d failed, %d skipped in %.1f s%s; manifest: %s", self.counts["done"],
+                 self.fitted, self.counts["failed"], self.counts["skipped"], el,
+                 f", batch occupancy {occ:.0%}" if occ is not None else "", self.manifest.path)
+        if bad:
+            print(f"dip: {len(bad)} image(s) not done:", file=sys.stderr)
+            for _k, r in bad:
+                print(f"  {r.get('status')}: {r.get('error')}", file=sys.stderr)
+            return 1
+        return 0
+
+
+def _same(x, g) -> bool:
+    return x is g or (type(x) is type(g) and x == g)
+
+
+def _raise_interrupt(signum, frame):
+    raise Interrupted()
+
+
+__all__ = ["run", "Driver", "MANIFEST_NAME", "LOCK_NAME"]
