@@ -65,7 +65,10 @@ def band_tables(n: int, factor: int) -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=None)
 def get_kernels():
-    """Compile-on-first-call dispatchers: ``{"ds_fwd": ..., "ds_bwd": ...}``."""
+    """Compile-on-first-call dispatchers: ``{"ds_fwd": ..., "ds_bwd": ...}``.
+
+    Longer than 80 lines on purpose: the two CUDA kernels are defined inside it, so that numba is only
+    imported (and the kernels only compiled) when a CUDA data term is first used."""
     # Module globals, not closure variables: the CUDA simulator swaps the global ``cuda`` of a kernel's
     # module for its fake one, so the kernels must look ``cuda`` up as a global.
     global cuda, float32

@@ -139,7 +139,7 @@ def fit_compare(task: str, size: int, steps: int, seed: int = 0):
             "seconds": secs}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pipeline.bench.kernels", description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--batch", type=int, default=16)
@@ -151,7 +151,11 @@ def main(argv=None) -> int:
     ap.add_argument("--step-batch", type=int, default=8)
     ap.add_argument("--step-steps", type=int, default=5)
     ap.add_argument("--no-step", action="store_true")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
 
     import torch
     if not torch.cuda.is_available():
@@ -216,9 +220,18 @@ def main(argv=None) -> int:
         results["fit_sr4"] = fit_compare("sr", a.fit_size, a.fit_steps)
     results["bench_seconds"] = time.perf_counter() - t_start
 
+    print_results(results, list(terms), B, C, S, f, a.iters)
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    return 0
+
+
+def print_results(results: dict, terms: list[str], B: int, C: int, S: int, f: int, iters: int) -> None:
+    """The table of the kernels against torch, the engine's step, and the short fits."""
     print(f"\n{results['device']}  torch {results['torch']}  numba {results.get('numba')}  "
           f"numba-cuda {results.get('numba_cuda')}  numpy {results.get('numpy')}")
-    print(f"B={B} C={C} {S}x{S}; SR x{f} -> {S // f}x{S // f}; forward+backward, median of {a.iters}")
+    print(f"B={B} C={C} {S}x{S}; SR x{f} -> {S // f}x{S // f}; forward+backward, median of {iters}")
     hdr = f"{'term':<14}{'loss rel':>10}{'k vs f64':>10}{'ref vs f64':>11}{'grad abs':>10}{'grad max':>10}" \
           f"{'kernel ms':>11}{'ref ms':>9}{'speedup':>9}{'GPU k ms':>10}{'GPU ref':>9}{'GPU x':>7}{'host k':>8}{'host ref':>9}"
     print(hdr)
@@ -243,10 +256,6 @@ def main(argv=None) -> int:
                   f"(ref vs ref {r['max_rel_reference_vs_reference']:.2e}; step 1 {r['first_rel_kernels_vs_reference']:.2e}); "
                   f"final {r['final_loss_kernels']:.5f} vs {r['final_loss_reference']:.5f}")
     print(f"total {results['bench_seconds']:.1f} s")
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(results, fh, indent=1)
-    return 0
 
 
 if __name__ == "__main__":
