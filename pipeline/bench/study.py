@@ -97,6 +97,16 @@ CANDIDATES = [
     _v("nearest", "nearest upsampling", net={"upsample": "nearest"}),
     _v("d8", "input depth 8", net={"input_depth": 8}),
     _v("w64x2", "two fits of 64 channels, averaged", k=2, net=_w(64)),
+    _v("w48x2", "two fits of 48 channels, averaged", k=2, net=_w(48)),
+    _v("w32x2", "two fits of 32 channels, averaged", k=2, net=_w(32)),
+    _v("w32x4", "four fits of 32 channels, averaged", k=4, net=_w(32)),
+    # inpainting's paper preset (lr 0.001, 11000 steps) is ten times slower than the others: its schedule at
+    # the others' pace, with the inpainting rule's time scales for lr 0.01 (pipeline.stopping)
+    _v("i-fast", "lr 0.01, 3000 steps at most", lr=0.01, steps=3000, stop={"patience": 16, "min_steps": 500}),
+    _v("i-w48", "48 channels, lr 0.01, 3000 steps", lr=0.01, steps=3000, net=_w(48),
+       stop={"patience": 16, "min_steps": 500}),
+    _v("i-w32", "32 channels, lr 0.01, 3000 steps", lr=0.01, steps=3000, net=_w(32),
+       stop={"patience": 16, "min_steps": 500}),
 ]
 
 
