@@ -1,14 +1,15 @@
-"""The `dip` command line. Only argparse is imported here; each command imports what it needs."""
+"""The `dip` command line. Only argparse (and pipeline.config, the standard library only) is imported here;
+each command imports what it needs."""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from pipeline.config import PRESETS, TASKS
 
-TASKS = ("denoise", "jpeg", "inpaint", "sr")
-PRESET_NAMES = ("denoise", "jpeg", "inpaint", "inpaint-object", "inpaint-sparse", "sr2", "sr4", "sr8", "fast")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+PRESET_NAMES = tuple(PRESETS)
 
 
 def _steps(v: str):
@@ -42,7 +43,8 @@ def _add_restore(sub):
     p.add_argument("--scale", type=int, choices=(2, 4, 8), help="super-resolution factor (default 4)")
     p.add_argument("--reference", metavar="PATH", help="clean image: report PSNR/SSIM against it")
     p.add_argument("--preset", choices=PRESET_NAMES,
-                   help="network and schedule (default: the task's own; 'fast' is small enough for a CPU)")
+                   help="network and schedule (default: the task's own; on a CPU without a GPU, a light preset "
+                        "made for that task: pipeline.config.CPU_DEFAULT)")
     p.add_argument("--steps", type=_steps, default=None,
                    help="'auto' (default: stop when the windowed variance of the output stops falling, with the "
                         "preset's step count as the cap) or an exact number of steps")
@@ -75,8 +77,11 @@ def _add_restore(sub):
     p.add_argument("--address", help="Ray cluster to join (auto | ray://host:port; default: $RAY_ADDRESS or a "
                                      "local instance)")
     p.add_argument("--actors", type=int, metavar="N",
-                   help="worker actors (default: one per GPU in the cluster; without GPUs, one per 8 cores of "
-                        "each node)")
+                   help="worker actors (default: one per GPU in the cluster; without GPUs, one per core of each "
+                        "node, or per --cpus-per-fit cores)")
+    p.add_argument("--cpus-per-fit", type=int, metavar="N",
+                   help="without GPUs: cores (torch threads) per actor (default 1: one single-threaded fit per "
+                        "core, which wastes nothing on thread synchronisation and shares a machine well)")
     p.add_argument("--max-retries", type=int, default=3, metavar="N",
                    help="times an image is retried after its worker died or failed (default 3)")
     p.add_argument("--dashboard-host", metavar="HOST",
@@ -125,7 +130,7 @@ def _run_render(args) -> int:
 
 
 def _add_bench(sub):
-    p = sub.add_parser("bench", help="benchmarks: speed of the engine, quality against the paper")
+    p = sub.add_parser("bench", help="benchmarks: speed, quality against the paper, the efficiency study, the prior")
     bs = p.add_subparsers(dest="bench", required=True)
     s = bs.add_parser("speed", help="one original-equivalent fit against the batched engine")
     s.add_argument("--device", default="auto", type=_device)

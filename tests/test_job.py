@@ -158,13 +158,20 @@ def test_rerun_skips_done_and_refuses_other_options(tmp_path, ray_session, capsy
            {k: ("done", r["finished"], 1) for k, r in m1.items()}
     assert m2["runs"][-1]["counts"]["fitted"] == 0
     capsys.readouterr()
-    # other options: refused per image, nothing overwritten, exit 1
+    # other options: refused per image, nothing overwritten, exit 1; the records still say what is on disk
+    # (done, with the options it was made with), and the refusal is noted beside them
     assert restore(src, "--out", out, "--steps", 4, *FAST) == 1
     err = capsys.readouterr().err
     assert err.count("exists with different options") >= 2 and "--overwrite" in err
     assert {k: (out / f"{k}.png").read_bytes() for k in m1} == before
     assert all(json.loads((out / f"{k}.json").read_text())["steps"] == 3 for k in m1)
-    assert {r["status"] for r in manifest(out)["images"].values()} == {"skipped"}
+    m3 = manifest(out)
+    for k, r in m3["images"].items():
+        assert (r["status"], r["options"]["steps"], r["hash"], r["finished"]) == \
+               ("done", 3, m1[k]["hash"], m1[k]["finished"])
+        assert r["skipped"]["run"] == len(m3["runs"]) and r["skipped"]["options"]["steps"] == 4
+        assert "exists with different options" in r["skipped"]["error"]
+    assert m3["runs"][-1]["counts"]["skipped"] == 2
     # --overwrite redoes them with the new options
     assert restore(src, "--out", out, "--steps", 4, "--overwrite", *FAST) == 0
     assert all(json.loads((out / f"{k}.json").read_text())["steps"] == 4 for k in m1)
@@ -172,8 +179,10 @@ def test_rerun_skips_done_and_refuses_other_options(tmp_path, ray_session, capsy
     # a changed input file counts as other options too
     write_png(src / "p0.png", seed=99)
     assert restore(src, "--out", out, "--steps", 4, *FAST) == 1
-    assert manifest(out)["images"]["p0"]["status"] == "skipped"
-    assert manifest(out)["images"]["p1"]["status"] == "done"
+    m = manifest(out)
+    assert m["images"]["p0"]["status"] == "done" and m["images"]["p0"]["skipped"]["run"] == len(m["runs"])
+    assert m["images"]["p1"]["status"] == "done" and m["runs"][-1]["counts"] == {
+        "done": 1, "failed": 0, "skipped": 1, "fitted": 0, "pending": 0}
 
 
 # ---- a worker killed mid-job: the job still completes, every output exactly once ------------------------
@@ -391,8 +400,8 @@ def test_a_dead_engine_fails_its_waiting_calls_and_the_next_call_starts_a_new_on
     with pytest.raises(RuntimeError, match="the fitting engine stopped: CUDA error"):
         next(events)
     monkeypatch.setattr(fit, "fit_tiled", real)
-    evs = list(w.fit([("y", make_problem(img, preset="fast", steps=3, name="y"))]))
-    assert [e["kind"] for e in evs] == ["started", "done"] and evs[1]["id"] == "y"
+    evs = [e for e in w.fit([("y", make_problem(img, preset="fast", steps=3, name="y"))]) if e["kind"] != "progress"]
+    assert [e["kind"] for e in evs] == ["started", "fitting", "done"] and evs[1]["id"] == evs[2]["id"] == "y"
 
 
 def test_an_actor_gets_a_new_call_once_a_calls_worth_of_its_images_is_done():
@@ -403,3 +412,104 @@ def test_an_actor_gets_a_new_call_once_a_calls_worth_of_its_images_is_done():
     assert not room_for_a_call([32, 32], 32) and not room_for_a_call([20, 13], 32)
     assert room_for_a_call([1, 31], 32) and room_for_a_call([1, 1], 32)  # stragglers: refill the batch
     assert not room_for_a_call([1, 1, 1], 32)  # at most three open calls (each holds an actor thread)
+
+
+# ---- issue 18: what a new user hit ---------------------------------------------------------------------
+def test_a_killed_worker_charges_only_the_image_it_was_fitting(tmp_path, ray_session):
+    """kill -9 of the actor while it fits one image and holds the others in its queue: only that image is
+    charged a failed try (it once charged all six); the queued ones go back uncharged, and all finish."""
+    src = tmp_path / "in"
+    ids = [f"q{i}" for i in range(6)]
+    for i, k in enumerate(ids):
+        write_png(src / f"{k}.png", size=(24, 24), seed=i)
+    out = tmp_path / "out"
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer():  # once an image of the run is being fitted (the actor said so), kill the actor
+        while not stop.is_set():
+            try:
+                m = manifest(out)
+            except (OSError, ValueError):
+                m = None
+            if m and any(r.get("status") == "running" for r in m["images"].values()):
+                pids = _fit_workers_of_this_session(ray_session)
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return
+            time.sleep(0.05)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    try:
+        rc = restore(src, "--out", out, "--steps", 150, "--actors", 1, *FAST)
+    finally:
+        stop.set()
+        th.join(5)
+    assert killed and rc == 0
+    m = manifest(out)["images"]
+    assert {m[k]["status"] for k in ids} == {"done"}
+    charged = [k for k in ids if m[k].get("failures")]
+    assert len(charged) == 1 and m[charged[0]]["attempts"] == 2, {k: (m[k].get("failures"), m[k]["attempts"]) for k in ids}
+    assert all(m[k]["attempts"] == 1 for k in ids if k not in charged)
+    assert sum(m[k].get("requeued", 0) for k in ids) >= 2  # the queued ones went back too, uncharged
+    check_outputs(out, ids)
+
+
+def test_a_rerun_with_nothing_to_do_starts_no_ray_and_outputs_are_readable(tmp_path, ray_session):
+    """Outputs keep the umask's mode (0644 under 022: they were 0600); the lock file is gone after the job;
+    a rerun with everything done decides it before starting Ray or a worker (it took 13 s)."""
+    src = tmp_path / "in"
+    for i in range(2):
+        write_png(src / f"r{i}.png", seed=i)
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        assert restore(src, "--out", out, "--steps", 3, "--preset", "fast", "--device", "cpu", "--quiet") == 0
+    finally:
+        os.umask(old)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} >= {".png", ".json", ".onnx", ".html"}
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o644 for p in files}
+    assert not (out / ".dip-job.lock").exists()
+    t = time.time()
+    assert restore(src, "--out", out, "--steps", 3, "--preset", "fast", "--device", "cpu", "--quiet") == 0
+    run = manifest(out)["runs"][-1]
+    assert run["status"] == "finished" and run["actors"] == 0 and run["ray_address"] is None
+    assert run["counts"] == {"done": 2, "failed": 0, "skipped": 0, "fitted": 0, "pending": 0}
+    assert time.time() - t < 10
+
+
+def test_progress_inside_the_fits_reaches_the_user(tmp_path, monkeypatch):
+    """The actor reports its fit-steps while it waits (progress events), and without a terminal the job logs
+    a plain line at an interval instead of redrawing a bar every second."""
+    import io
+
+    import numpy as np
+
+    from pipeline.api import make_problem
+    from pipeline.job.actors import FitWorker
+    from pipeline.job.progress import Progress
+    monkeypatch.setenv("DIP_PROGRESS_EVERY", "0.2")
+    w = FitWorker("cpu", 1, None, keep_weights=False, onnx_dtype="fp32", threads=1)
+    img = np.random.default_rng(0).random((24, 24, 3)).astype(np.float32)
+    evs = list(w.fit([("p", make_problem(img, preset="fast", steps=300, name="p"))]))
+    kinds = [e["kind"] for e in evs]
+    assert kinds[0] == "started" and kinds[1] == "fitting" and kinds[-1] == "done" and "progress" in kinds
+    steps = [e["steps"] for e in evs if e["kind"] == "progress"]
+    assert steps == sorted(steps) and 0 < steps[-1] <= 330
+    monkeypatch.setenv("DIP_PROGRESS_LOG_EVERY", "1")
+    buf = io.StringIO()
+    pr = Progress(3, quiet=False, stream=buf)
+    assert pr.bar is None  # not a terminal: no bar
+    from collections import Counter
+    pr.fit_steps("w", 100)
+    time.sleep(1.1)
+    pr.fit_steps("w", 250)
+    pr.tick(Counter(done=1), 1, 1)
+    line = buf.getvalue()
+    assert line.startswith("dip: 1/3 images: done=1 failed=0 skipped=0 remaining=2; 1 fitting, 250 fit-steps")
+    assert "/s)" in line
+    pr.tick(Counter(done=1), 1, 1)
+    assert buf.getvalue() == line  # not again before the interval

@@ -1,8 +1,10 @@
 """The Ray actor of `dip restore`: one long-lived fitting process per GPU (or per share of a node's cores).
 
 The actor protocol is a Ray streaming generator. ``FitWorker.fit(batch)`` is called with
-``num_returns="streaming"``; it first yields a ``started`` event (ids, pid, node), then one ``done`` or
-``error`` event per image *as each image finishes* (the engine yields results in finishing order). The
+``num_returns="streaming"``; it first yields a ``started`` event (ids, pid, node), then a ``fitting`` event
+per image when its fit takes a slot of the engine, one ``done`` or ``error`` event per image *as each image
+finishes* (the engine yields results in finishing order), and, while it waits, a ``progress`` event every
+``DIP_PROGRESS_EVERY`` seconds (default 5) with the fit-steps the actor's engine has done. The
 actor runs its calls at once (``max_concurrency``: up to three calls and the driver's pings) and they all
 feed the one engine thread of the actor, through its :class:`Inbox`: a new call's images take the slots
 the earlier calls' images free, so the batch stays full from one call to the next. Each call waits for
@@ -21,6 +23,25 @@ from pipeline.batching import Feed
 from pipeline.job.manifest import now_iso, one_line
 
 log = logging.getLogger("dip.job")
+
+_FITTING = object()  # in a call's result queue: "this image's fit has started"
+
+
+def progress_every() -> float:
+    """Seconds between a waiting call's progress events (DIP_PROGRESS_EVERY, default 5)."""
+    return max(0.1, float(os.environ.get("DIP_PROGRESS_EVERY", 5)))
+
+
+def cpu_threads(given: int | None) -> int | None:
+    """torch's intra-op threads for a CPU actor: the CPUs Ray gave it, never more than the CPUs this process
+    may run on (its affinity: ``taskset``, a cgroup's cpuset), and never the machine's total."""
+    if not given:
+        return None
+    try:
+        allowed = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        allowed = os.cpu_count() or 1
+    return max(1, min(int(given), allowed))
 
 
 class Inbox(Feed):
@@ -60,8 +81,9 @@ class FitWorker:
                  max_memory: int | None = None):
         import threading
         import torch
-        if threads:
-            torch.set_num_threads(max(1, int(threads)))
+        self.threads = cpu_threads(threads)
+        if self.threads:
+            torch.set_num_threads(self.threads)
         self.tile, self.tile_overlap, self.max_memory = tile, tile_overlap, max_memory
         self.device = device
         self.slots = slots
@@ -72,12 +94,13 @@ class FitWorker:
         self._engine = None  # the engine thread
         self._inbox: Inbox | None = None
         self._owners: dict[int, tuple] = {}  # id(problem) -> (the call's result queue, image id, the problem)
+        self._steps = 0  # fit-steps done by this actor's engine (one per loaded slot and step)
 
     def info(self) -> dict:
         import ray
         ctx = ray.get_runtime_context()
         return {"pid": os.getpid(), "node": ctx.get_node_id(), "host": socket.gethostname(), "device": self.device,
-                "gpus": [str(g) for g in ray.get_gpu_ids()]}
+                "gpus": [str(g) for g in ray.get_gpu_ids()], "threads": self.threads}
 
     def _start_engine(self) -> None:
         """(Under the lock.) A new inbox and engine thread, unless one is running."""
@@ -97,7 +120,8 @@ class FitWorker:
             # the batched engine; images too large for one fit (or above --tile / --max-memory) go as tiles
             for p, res in fit_tiled(inbox, device=dev, slots=self.slots, tile=self.tile,
                                     overlap=self.tile_overlap, max_memory=self.max_memory,
-                                    keep_weights=self.keep_weights, use_kernels=self.use_kernels):
+                                    keep_weights=self.keep_weights, use_kernels=self.use_kernels,
+                                    on_step=self._on_step, on_start=self._on_start):
                 with self._lock:
                     owner = self._owners.pop(id(p), None)
                 if owner is not None:
@@ -111,8 +135,18 @@ class FitWorker:
             for q, _key, _p in owners.values():
                 q.put((None, e))
 
+    def _on_step(self, n_live: int) -> None:  # the engine thread, after every step
+        self._steps += n_live
+
+    def _on_start(self, p) -> None:  # the engine thread: an image's fit took a slot
+        with self._lock:
+            owner = self._owners.get(id(p))
+        if owner is not None:
+            owner[0].put((owner[1], _FITTING))
+
     def fit(self, batch: list):
-        """batch: [(id, Problem)]. Yields a 'started' event, then one 'done'/'error' event per image."""
+        """batch: [(id, Problem)]. Yields a 'started' event, then per image a 'fitting' and a 'done' or
+        'error' event, and 'progress' events while it waits (see the module docstring)."""
         import queue
         info = self.info()
         yield {"kind": "started", "ids": [k for k, _ in batch], "time": now_iso(), "worker": info}
@@ -122,8 +156,17 @@ class FitWorker:
             for k, p in batch:
                 self._owners[id(p)] = (results, k, p)  # the problem is held, so its id is not reused
             self._inbox.put([p for _, p in batch])
-        for _ in range(len(batch)):
-            key, res = results.get()
+        left = len(batch)
+        while left:
+            try:
+                key, res = results.get(timeout=progress_every())
+            except queue.Empty:
+                yield {"kind": "progress", "steps": self._steps, "time": now_iso()}
+                continue
+            if res is _FITTING:
+                yield {"kind": "fitting", "id": key, "time": now_iso()}
+                continue
+            left -= 1
             if key is None:
                 raise RuntimeError(f"the fitting engine stopped: {one_line(res)}") from res
             if isinstance(res, Exception):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -31,14 +32,14 @@ from pathlib import Path
 # Everything the driver runs is imported here, before it joins Ray: inside a Ray job (`ray job submit
 # --working-dir`, deploy/submit), Ray removes the job's unpacked working directory, from which this code
 # was imported, when the driver connects (seen with Ray 2.60), so an import after ray.init would fail.
-from pipeline.config import PRESETS
 from pipeline.job import report
 from pipeline.job.manifest import MANIFEST_NAME, Input, JobManifest, UsageError, discover, now_iso, one_line
 from pipeline.job.options import JobOptions
 from pipeline.job.outputs import NO_SPACE, OutOfSpace, write_result
-from pipeline.job.pool import MAX_CALLS_PER_ACTOR, Call, Pool, init_ray
+from pipeline.job.pool import MAX_CALLS_PER_ACTOR, Call, Pool, init_ray, joins_cluster
 from pipeline.job.progress import Progress
 from pipeline.job.resume import Entry, Outcome, outputs, prepare
+from pipeline.work import fmt_gflop
 
 log = logging.getLogger("dip.job")
 
@@ -123,45 +124,41 @@ class Driver:
         self.max_retries = max(0, int(opts.max_retries if opts.max_retries is not None else 3))
         self.manifest = JobManifest(out)
         self.pool = Pool(opts)
+        self.device = "cpu"  # the workers' device type: what each image's config is made for
         self.entries: dict[str, Entry] = {}  # the images being fitted, by id
         self.feed = collections.deque(items)  # inputs not yet looked at
+        self.ready: collections.deque[Entry] = collections.deque()  # prepared before the workers started
         self.retry: collections.deque[Entry] = collections.deque()  # images to send again
         self.counts = collections.Counter()
+        self.ended: list[tuple[str, str, str | None]] = []  # (id, status, message) of every image of this run
         self.fitted = 0
         self.occupancy = [0.0, 0.0]  # the fitted images' batch occupancy, weighted by their steps: sum, weight
         self.t0 = time.time()
         self.t_ready = time.time()
         self.bar: Progress | None = None
         self.cpu_default_said = False
+        self.stop_signal: int | None = None  # set by the signal handler; the loop stops at its next turn
 
     # ---- the run --------------------------------------------------------------------------------------
     def run(self) -> int:
         import ray
-        try:
-            started_ray, address = init_ray(self.opts)
-        except Exception as e:  # noqa: BLE001
-            print(f"dip: error: cannot start or join Ray: {one_line(e)}", file=sys.stderr)
-            return 2
-        old_term, old_int = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+        old = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
-            # SIGINT too, explicitly: a process started in the background of a script inherits SIGINT
-            # ignored, and Python then never raises KeyboardInterrupt, so `kill -INT` did nothing
-            signal.signal(signal.SIGTERM, _raise_interrupt)
-            signal.signal(signal.SIGINT, _raise_interrupt)
-        run = None
-        status = "finished"
+            self.catch_signals()
+        run = self.manifest.start_run(argv=sys.argv, ray_address=None, device=None, actors=0,
+                                      host=socket.gethostname(), options=_options_record(self.opts))
+        self.bar = Progress(len(self.items), self.opts.quiet)
+        status, started_ray, error = "finished", False, None
         try:
-            try:
-                self.pool.start()
-            except UsageError as e:
-                print(f"dip: error: {e}", file=sys.stderr)
-                return 2
-            self.t_ready = time.time()
-            run = self.manifest.start_run(argv=sys.argv, ray_address=address, device=self.pool.device,
-                                          actors=len(self.pool.workers), host=socket.gethostname())
-            self.bar = Progress(len(self.items), self.opts.quiet)
-            self.loop()
+            # what is already done is found before Ray starts: a rerun with nothing to do needs no worker
+            local = expected_device(self.opts)
+            if local is not None:
+                self.device = local
+                self.precheck()
+            if self.feed or self.ready:
+                started_ray, address = self.start_workers(run)
+                self.loop()
         except (KeyboardInterrupt, Interrupted):
             status = "interrupted"
             print("dip: interrupted; finished images are kept, the rest is redone by the same command",
@@ -170,13 +167,18 @@ class Driver:
             status = "out of space"
             print(f"dip: error: {e}\ndip: stopped: the output folder cannot take more files. Finished images are "
                   f"kept; free space and run the same command again to do the rest.", file=sys.stderr)
+        except UsageError as e:
+            status, error = "failed", str(e)
+            print(f"dip: error: {e}", file=sys.stderr)
+        except BaseException as e:  # noqa: BLE001 - recorded as such, then raised: never "finished"
+            status, error = "failed", f"{type(e).__name__}: {one_line(e)}"
+            raise
         finally:
             if in_main:
-                signal.signal(signal.SIGTERM, old_term)
-                signal.signal(signal.SIGINT, old_int)
-            if self.bar is not None:
-                self.bar.close()
-            self.close_run(run, status)
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+            self.bar.close()
+            self.close_run(run, status, error)
             self.pool.shutdown()
             if started_ray:
                 with contextlib.suppress(Exception):
@@ -187,14 +189,63 @@ class Driver:
             log.warning("could not write the report %s: %s", self.out / "report.html", one_line(e))
         if status == "interrupted":
             return 130
+        if error is not None:
+            return 2
         rc = self.summary()
         return 1 if status == "out of space" else rc
+
+    def catch_signals(self) -> None:
+        """SIGINT and SIGTERM (`ray job stop`) stop the job at the loop's next turn. The handler only sets a
+        flag: raising from it could land inside Ray's C code (the driver waits in ray.wait nearly all the
+        time), which then failed with a SystemError instead of stopping. SIGINT too, explicitly: a process
+        started in the background of a script inherits SIGINT ignored, and Python then never raises
+        KeyboardInterrupt. Installed again after ray.init, whose own SIGTERM handler would crash the
+        driver."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self.on_signal)
+
+    def on_signal(self, signum, frame) -> None:
+        self.stop_signal = signum
+
+    def check_stop(self) -> None:
+        if self.stop_signal is not None:
+            raise Interrupted()
+
+    def start_workers(self, run: dict) -> tuple[bool, str]:
+        """Start or join Ray and the workers; the inputs prepared for another device are prepared again."""
+        try:
+            started_ray, address = init_ray(self.opts)
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"cannot start or join Ray: {one_line(e)}") from None
+        self.catch_signals()
+        self.check_stop()
+        self.pool.start(stopped=lambda: self.stop_signal is not None)
+        self.check_stop()
+        if self.pool.device != self.device:  # joined a cluster whose device the precheck could not know
+            for entry in reversed(self.ready):
+                self.feed.appendleft(entry.input)
+            self.ready.clear()
+        self.device = self.pool.device
+        self.t_ready = time.time()
+        run.update(ray_address=address, device=self.device, actors=len(self.pool.workers))
+        return started_ray, address
+
+    def precheck(self) -> None:
+        """Prepare inputs until the first that needs a fit: what is done (or bad) ends here."""
+        while self.feed and not self.ready:
+            self.check_stop()
+            it = self.feed.popleft()
+            got = self.prepare(it)
+            if got is not None:
+                self.ready.append(got)
 
     def loop(self) -> None:
         """Feed the workers, wait for their events, record them, until every image has an end."""
         import ray
         pool = self.pool
         while True:
+            self.check_stop()
             # workers that failed: ping them; give up when none has worked for too long
             self.check_workers()
             # backpressure: round-robin, each worker gets a call before any gets two
@@ -204,12 +255,12 @@ class Driver:
                         self.submit(w)
             calls = pool.calls()
             pings = [w for w in pool.workers if w.ping is not None]
-            if not calls and not self.feed and not self.retry:
+            if not calls and not self.feed and not self.retry and not self.ready:
                 break
             if not calls and not pings:
                 time.sleep(0.2)
                 continue
-            # the next event of any call, or a ping's answer
+            # the next event of any call, or a ping's answer (a signal only sets the flag: at most 1 s)
             ready, _ = ray.wait([c.gen for c in calls] + [w.ping for w in pings], num_returns=1, timeout=1.0)
             for g in ready:
                 w = next((w for w in pings if _same(w.ping, g)), None)
@@ -217,8 +268,8 @@ class Driver:
                     pool.on_ping(w)
                     continue
                 self.next_event(next(c for c in calls if _same(c.gen, g)))
-            # the bar and the manifest, at most about once a second
-            self.bar.refresh(self.counts, self.fitted)
+            # what the user sees, and the manifest, at most about once a second
+            self.bar.tick(self.counts, self.fitted, self.fitting())
             try:
                 self.manifest.flush()
             except OSError as e:
@@ -241,16 +292,16 @@ class Driver:
             self.on_call_error(call, e)
             call.worker.calls.remove(call)
 
-    def close_run(self, run: dict | None, status: str) -> None:
+    def close_run(self, run: dict, status: str, error: str | None = None) -> None:
         """The images still in flight go back to pending; the run's record; the manifest, flushed."""
-        for entry in list(self.entries.values()):
+        for entry in list(self.entries.values()) + list(self.ready):
             self.manifest.update(entry.input.id, status="pending", error=None if status == "finished" else status)
         counts = {k: self.counts[k] for k in ("done", "failed", "skipped")}
         counts.update(fitted=self.fitted, pending=len(self.items) - sum(self.counts.values()))
-        if run is not None:
-            run.update(finished=now_iso(), status=status, counts=counts, batch_occupancy=self.batch_occupancy(),
-                       seconds=round(time.time() - self.t0, 3),
-                       seconds_after_startup=round(time.time() - self.t_ready, 3))
+        run.update(finished=now_iso(), status=status, counts=counts, batch_occupancy=self.batch_occupancy(),
+                   seconds=round(time.time() - self.t0, 3), seconds_after_startup=round(time.time() - self.t_ready, 3),
+                   **({"error": error} if error else {}),
+                   **({"signal": signal.Signals(self.stop_signal).name} if self.stop_signal else {}))
         try:
             self.manifest.flush(force=True)
         except OSError as e:
@@ -260,7 +311,7 @@ class Driver:
     # ---- feeding the workers ----------------------------------------------------------------------------
     def submit(self, w) -> bool:
         n = self.pool.call_size()
-        left = len(self.feed) + len(self.retry)  # an upper bound: some of the feed may need no fitting
+        left = len(self.feed) + len(self.retry) + len(self.ready)  # an upper bound: some need no fitting
         n = max(1, min(n, -(-left // max(1, len(self.pool.workers)))))  # share a short queue among the actors
         batch = self.take(n)
         if not batch:
@@ -273,35 +324,40 @@ class Driver:
         batch = []
         while len(batch) < n and self.retry:
             batch.append(self.retry.popleft())
+        while len(batch) < n and self.ready:
+            batch.append(self.ready.popleft())
         while len(batch) < n and self.feed:
-            it = self.feed.popleft()
-            self.note_cpu_default(it)
-            got = prepare(it, self.opts, self.manifest, self.pool.device, self.out)
-            if isinstance(got, Outcome):
-                self.final(got.status, got.message)
-                continue
-            self.entries[it.id] = got
-            batch.append(got)
+            entry = self.prepare(self.feed.popleft())
+            if entry is not None:
+                batch.append(entry)
+        for entry in batch:
+            self.entries[entry.input.id] = entry
         return batch
 
-    def note_cpu_default(self, it: Input) -> None:
-        if not self.cpu_default_said and self.opts.uses_cpu_default(self.pool.device, it.options):
+    def prepare(self, it: Input) -> Entry | None:
+        """An input's Entry when it is to be fitted; None (and its end counted) when it is not."""
+        if not self.cpu_default_said and self.opts.uses_cpu_default(self.device, it.options):
             self.cpu_default_said = True
-            steps = self.opts.row_options(it.options)["steps"]
-            log.info("no GPU: using the small 'fast' preset (4 scales, <=64 channels, %s steps) so that a CPU "
-                     "fit takes minutes, not hours; pass --preset to choose another",
-                     PRESETS["fast"].steps if steps in (None, "auto") else steps)
+            o = self.opts.row_options(it.options)
+            cfg = self.opts.config_for("cpu", it.options)
+            log.info("no GPU: using the light '%s' preset for %s (%s steps at most) so that a CPU fit takes "
+                     "minutes, not hours; pass --preset to choose another", cfg.preset, o["task"], cfg.steps)
+        got = prepare(it, self.opts, self.manifest, self.device, self.out)
+        if isinstance(got, Outcome):
+            self.final(it.id, got.status, got.message)
+            return None
+        return got
 
     def check_workers(self) -> None:
         """Ping the workers that failed; fail the images when no worker has worked for too long."""
-        import os
         self.pool.ping_unhealthy()
         limit = float(os.environ.get("DIP_ACTOR_TIMEOUT", 600))
         if self.pool.down_for() > limit:
-            for entry in list(self.retry):
-                self.retry.remove(entry)
+            for entry in list(self.retry) + list(self.ready):
                 self.entries.pop(entry.input.id, None)
                 self.fail(entry.input.id, f"{entry.input.input}: no worker has been available for {limit:.0f} s")
+            self.retry.clear()
+            self.ready.clear()
             while self.feed:
                 it = self.feed.popleft()
                 self.manifest.update(it.id, input=it.input)
@@ -313,18 +369,25 @@ class Driver:
         if kind == "started":
             call.started = True
             call.worker.info = ev["worker"]
-            w = {k: ev["worker"].get(k) for k in ("node", "host", "pid", "device")}
-            for key in ev["ids"]:
+            return
+        if kind == "progress":
+            self.bar.fit_steps(id(call.worker), ev.get("steps", 0))
+            return
+        key = ev["id"]
+        entry = self.entries.get(key)
+        if kind == "fitting":  # its fit took a slot of the worker's engine: an attempt, charged if it fails
+            if entry is not None:
+                entry.fitting = True
                 rec = self.manifest.get(key) or {}
+                w = {k: call.worker.info.get(k) for k in ("node", "host", "pid", "device")}
                 self.manifest.update(key, status="running", started=ev["time"],
                                      attempts=int(rec.get("attempts") or 0) + 1, worker=w)
             return
-        key = ev["id"]
         if key in call.ids:
             call.ids.remove(key)
-        entry = self.entries.get(key)
         if entry is None:
             return
+        entry.fitting = False
         if kind == "done":
             self.write(entry, ev)
         else:
@@ -350,10 +413,11 @@ class Driver:
                 self.manifest.update(key, status="pending", error=err)
                 raise OutOfSpace(err) from None
             self.manifest.update(key, status="failed", error=err, finished=finished)
-            self.final("failed", f"dip: {err}")
+            self.final(key, "failed", f"dip: {err}")
             return
         self.manifest.update(key, status="done", error=None, finished=finished, seconds=seconds,
-                             outputs=outputs(key, ev.get("onnx") is not None), onnx_error=ev.get("onnx_error"))
+                             outputs=outputs(key, ev.get("onnx") is not None), onnx_error=ev.get("onnx_error"),
+                             work=ev["record"].get("work"))
         self.fitted += 1
         b = ev["record"].get("batch")
         if isinstance(b, dict) and isinstance(b.get("occupancy"), (int, float)):
@@ -368,7 +432,7 @@ class Driver:
             if m:
                 msg += f", PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}"
             msg += ")"
-        self.final("done", msg)
+        self.final(key, "done", msg)
 
     def retry_or_fail(self, entry: Entry, err: str) -> None:
         entry.failures.append(err)
@@ -385,14 +449,17 @@ class Driver:
             self.retry.append(entry)
 
     def on_call_error(self, call: Call, exc: BaseException) -> None:
+        """A call died with its worker: the images it was fitting are charged a failed try; those still
+        waiting in the worker's queue go back to the queue uncharged."""
         err = f"worker failed: {type(exc).__name__}: {one_line(exc)}"[:400]
         for key in list(call.ids):
             entry = self.entries.get(key)
             if entry is None:
                 continue
-            if call.started or entry.lost >= 10:
+            if entry.fitting or entry.lost >= 10:
+                entry.fitting = False
                 self.retry_or_fail(entry, err)
-            else:  # never reached the actor: back to the queue, not charged
+            else:  # it never started fitting: back to the queue, not charged
                 entry.lost += 1
                 rec = self.manifest.update(key, status="pending")
                 rec["requeued"] = int(rec.get("requeued") or 0) + 1
@@ -401,44 +468,65 @@ class Driver:
         self.pool.on_call_error(call, exc)
 
     # ---- bookkeeping ------------------------------------------------------------------------------------
-    def final(self, status: str, msg: str | None = None) -> None:
-        """One image came to an end in this run: count it, show it."""
+    def fitting(self) -> int:
+        return sum(1 for e in self.entries.values() if e.fitting)
+
+    def final(self, key: str, status: str, msg: str | None = None) -> None:
+        """One image came to an end in this run: count it, show it, remember it for the summary."""
         self.counts[status] += 1
-        if self.bar is not None:
-            self.bar.image(self.counts, self.fitted, msg)
-        elif msg:
-            print(msg, file=sys.stderr)
+        self.ended.append((key, status, msg))
+        self.bar.image(self.counts, self.fitted, self.fitting(), msg)
 
     def fail(self, key: str, err: str, status: str = "failed") -> None:
         self.manifest.update(key, status=status, error=err, finished=now_iso())
-        self.final(status, f"dip: {err}" if status == "failed" else f"dip: skipped: {err}")
+        self.final(key, status, f"dip: {err}" if status == "failed" else f"dip: skipped: {err}")
 
     def batch_occupancy(self) -> float | None:
         """The mean share of the batch's slots that were fitting while this run's images were fitted."""
         return round(self.occupancy[0] / self.occupancy[1], 3) if self.occupancy[1] else None
 
     def summary(self) -> int:
-        bad = [(k, r) for k, r in self.manifest.images.items()
-               if r.get("run") == self.manifest.run_no and r.get("status") in ("failed", "skipped")]
+        bad = [(k, status, msg) for k, status, msg in self.ended if status in ("failed", "skipped")]
         el = time.time() - self.t0
         occ = self.batch_occupancy()
-        log.info("%d done (%d fitted now), %d failed, %d skipped in %.1f s%s; manifest: %s", self.counts["done"],
+        work = [r.get("work") for r in self.manifest.images.values()
+                if r.get("run") == self.manifest.run_no and r.get("status") == "done" and r.get("work")]
+        gflop = sum(w.get("gflop", 0) for w in work)
+        log.info("%d done (%d fitted now), %d failed, %d skipped in %.1f s%s%s; manifest: %s", self.counts["done"],
                  self.fitted, self.counts["failed"], self.counts["skipped"], el,
-                 f", batch occupancy {occ:.0%}" if occ is not None else "", self.manifest.path)
+                 f", batch occupancy {occ:.0%}" if occ is not None else "",
+                 f", work {fmt_gflop(gflop)} ({fmt_gflop(gflop / len(work))} an image)" if work else "",
+                 self.manifest.path)
         if bad:
             print(f"dip: {len(bad)} image(s) not done:", file=sys.stderr)
-            for _k, r in bad:
-                print(f"  {r.get('status')}: {r.get('error')}", file=sys.stderr)
+            for _k, status, msg in bad:
+                print(f"  {status}: {(msg or '').removeprefix('dip: skipped: ').removeprefix('dip: ')}",
+                      file=sys.stderr)
             return 1
         return 0
 
 
+def expected_device(opts: JobOptions) -> str | None:
+    """The workers' device type when it is known before Ray starts (a local instance, or --device cpu):
+    what each image's config, and so its job hash, is made for. None when joining a cluster decides it."""
+    if opts.device == "cpu":
+        return "cpu"
+    if joins_cluster(opts):
+        return None
+    import torch
+    torch.set_num_threads(1)  # the driver computes nothing heavy: one thread, the cores are the workers'
+    return "cuda" if torch.cuda.is_available() or opts.device.startswith("cuda") else "cpu"
+
+
+def _options_record(opts: JobOptions) -> dict:
+    """The job's options for the run's record (the inputs are in the images' records)."""
+    d = opts.to_dict()
+    d.pop("inputs", None)
+    return d
+
+
 def _same(x, g) -> bool:
     return x is g or (type(x) is type(g) and x == g)
-
-
-def _raise_interrupt(signum, frame):
-    raise Interrupted()
 
 
 __all__ = ["run", "Driver", "MANIFEST_NAME", "LOCK_NAME"]

@@ -28,8 +28,10 @@ job runs, and always at its end (also on Ctrl-C)::
     {
       "format": "dip-manifest/1",
       "updated": "2025-01-01T12:00:00.123+00:00",
-      "runs": [{"run": 1, "started": ..., "finished": ..., "status": "finished" | "interrupted" | "running",
-                "argv": [...], "ray_address": ..., "device": "cpu" | "cuda", "actors": 2,
+      "runs": [{"run": 1, "started": ..., "finished": ..., "argv": [...], "options": {...JobOptions},
+                "status": "finished" | "interrupted" | "out of space" | "failed" | "running" | "abandoned",
+                "signal": "SIGINT" (when a signal stopped it), "error": "..." (when it failed),
+                "ray_address": ..., "device": "cpu" | "cuda", "actors": 2,
                 "counts": {"done": 5, "failed": 1, "skipped": 0, "pending": 0, "running": 0}}, ...],
       "images": {
         "<id>": {                       # id = the output path relative to OUT, without suffix
@@ -56,10 +58,13 @@ carries the same fields under ``"job"``; it is written last, so it is the "done"
 lost a record (the driver was killed between two flushes), the next run rebuilds it from that JSON.
 
 Statuses: ``done`` (outputs written; kept, with their timestamps, by later runs whose hash matches),
-``failed`` (error says why; a later run tries again), ``skipped`` (an output with *other* options is
-already there and --overwrite was not given; error says so, and ``existing`` holds the hashes and
-``finished`` time from that output's JSON), ``pending`` / ``running`` (not finished
-when the manifest was written; a killed or interrupted run leaves these, and the next run redoes them).
+``failed`` (error says why; a later run tries again), ``pending`` / ``running`` (not finished when the
+manifest was written; a killed or interrupted run leaves these, and the next run redoes them; ``running``
+means an actor has started fitting it, and ``attempts`` counts those starts). An image whose output was
+made with *other* options, in a run without --overwrite, keeps the record of what is on disk (``done``,
+its hash and times) and gets ``"skipped": {"run", "error", "hash", "options_sha256", "options"}``: the run
+that refused to replace it, and the options it was asked for. A run still ``running`` when the next one
+starts (its driver was killed) is marked ``abandoned``.
 """
 from __future__ import annotations
 
@@ -309,6 +314,11 @@ class JobManifest:
         return self.data["images"]
 
     def start_run(self, **info) -> dict:
+        """A new run's record. A run still marked "running" ended without a word (killed, or its machine
+        lost): the job's lock, which this run holds, says it is not running now, so it is "abandoned"."""
+        for r in self.data["runs"]:
+            if r.get("status") == "running":
+                r["status"] = "abandoned"
         run = {"run": len(self.data["runs"]) + 1, "started": now_iso(), "finished": None, "status": "running", **info}
         self.data["runs"].append(run)
         self._dirty = True

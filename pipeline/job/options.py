@@ -48,6 +48,7 @@ class JobOptions:
     overwrite: bool = False
     address: str | None = None
     actors: int | None = None
+    cpus_per_fit: int | None = None  # CPU actors: cores (torch threads) per actor; default 1
     max_retries: int = 3
     dashboard_host: str | None = None
     export_onnx: bool = True
@@ -80,6 +81,10 @@ class JobOptions:
             raise ValueError(f"--tile-overlap {self.tile_overlap}: needs --tile, and 0 <= overlap < tile/2")
         if self.max_memory is not None and self.max_memory <= 0:
             raise ValueError("--max-memory must be positive (GiB)")
+        if self.cpus_per_fit is not None and self.cpus_per_fit < 1:
+            raise ValueError("--cpus-per-fit must be at least 1")
+        if self.actors is not None and self.actors < 1:
+            raise ValueError("--actors must be at least 1")
 
     def row_options(self, row: dict | None = None) -> dict:
         """task, preset, steps, seed and scale of one image: its manifest row's, else the job's."""
@@ -92,9 +97,9 @@ class JobOptions:
 
     def config_for(self, device_type: str, row: dict | None = None):
         """The FitConfig of one image on a device type: the options, overridden by its manifest row."""
-        from pipeline.config import make_config
+        from pipeline.config import cpu_default_preset, make_config
         o = self.row_options(row)
-        preset = "fast" if self.uses_cpu_default(device_type, row) else o["preset"]
+        preset = cpu_default_preset(o["task"]) if self.uses_cpu_default(device_type, row) else o["preset"]
         over = {"steps": o["steps"], "seed": o["seed"], "output": self.output, "precision": self.precision,
                 "distill_steps": self.distill_steps, "ensemble": self.ensemble}
         return make_config(o["task"], preset=preset, scale=o["scale"], **over)

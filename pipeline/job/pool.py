@@ -64,15 +64,28 @@ class Worker:
     down_since: float = 0.0
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: ``taskset``, a cgroup's cpuset), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def joins_cluster(opts: JobOptions) -> bool:
+    return bool(opts.address or os.environ.get("RAY_ADDRESS"))
+
+
 def init_ray(opts: JobOptions) -> tuple[bool, str]:
-    """Connect to / start Ray. Returns (we_started_it, address description)."""
+    """Connect to / start Ray. Returns (we_started_it, address description). A local instance gets the
+    CPUs this process may use (``taskset -c 0-3 dip restore …`` gives dip four cores)."""
     import ray
     if ray.is_initialized():
         return False, "existing"
     address = opts.address or os.environ.get("RAY_ADDRESS") or "local"
     kw = {"log_to_driver": True, "configure_logging": False}
     if address == "local":
-        kw.update(include_dashboard=bool(opts.dashboard_host))
+        kw.update(include_dashboard=bool(opts.dashboard_host), num_cpus=usable_cpus())
         if opts.dashboard_host:
             kw["dashboard_host"] = opts.dashboard_host
     ray.init(address=address, **kw)
@@ -94,18 +107,23 @@ def plan_actors(opts: JobOptions) -> tuple[str, list[dict]]:
     cpu_nodes = [(n["NodeID"], int(n["Resources"].get("CPU", 0))) for n in nodes if n["Resources"].get("CPU", 0) >= 1]
     if not cpu_nodes:
         raise UsageError("the Ray cluster has no CPU to run on")
+    per_fit = opts.cpus_per_fit or 1
     if opts.actors:
         per_node = {nid: 0 for nid, _ in cpu_nodes}
         order = [nid for nid, _ in cpu_nodes]
         for i in range(opts.actors):
             per_node[order[i % len(order)]] += 1
-    else:  # one actor per 8 cores of a node (torch's intra-op threads scale well up to about there)
-        per_node = {nid: max(1, c // 8) for nid, c in cpu_nodes}
+    else:  # one single-threaded fit per core (docs/BENCHMARKS.md: CPU nodes), or per --cpus-per-fit cores
+        per_node = {nid: max(1, c // per_fit) for nid, c in cpu_nodes}
     specs = []
     for nid, c in cpu_nodes:
         k = per_node[nid]
+        if opts.actors:  # the actors share the node's cores, or take --cpus-per-fit each
+            cpus = opts.cpus_per_fit or max(1, c // k)
+        else:
+            cpus = min(per_fit, c)
         for _ in range(k):
-            specs.append({"num_gpus": 0, "num_cpus": max(1, c // k), "node": nid})
+            specs.append({"num_gpus": 0, "num_cpus": cpus, "node": nid})
     return "cpu", specs
 
 
@@ -133,14 +151,19 @@ class Pool:
         self.workers: list[Worker] = []
         self.replacements = 0
 
-    def start(self) -> None:
-        """One actor per spec of :func:`plan_actors`; UsageError when none starts within DIP_ACTOR_TIMEOUT."""
+    def start(self, stopped=lambda: False) -> None:
+        """One actor per spec of :func:`plan_actors`; UsageError when none starts within DIP_ACTOR_TIMEOUT.
+        ``stopped()`` is asked every second while they start (the driver's stop flag)."""
         import ray
         self.device, specs = plan_actors(self.opts)
         started = [Worker(start_actor(s, self.device, self.opts), s) for s in specs]
         refs = {w.handle.info.remote(): w for w in started}
         timeout = float(os.environ.get("DIP_ACTOR_TIMEOUT", 600))
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        ready, t0 = [], time.time()
+        while len(ready) < len(refs) and time.time() - t0 < timeout and not stopped():
+            more, _ = ray.wait([r for r in refs if r not in ready], num_returns=len(refs) - len(ready),
+                               timeout=min(1.0, timeout))
+            ready += more
         for r in ready:
             try:
                 refs[r].info = ray.get(r)

@@ -29,7 +29,8 @@ class Entry:
     hash: str = ""
     problem: object = None
     failures: list = field(default_factory=list)  # errors of calls that had started fitting it
-    lost: int = 0  # calls that failed before they started (the actor was restarting): not charged
+    lost: int = 0  # calls that failed before its fit started (the actor was restarting): not charged
+    fitting: bool = False  # its fit has started in the call it is in (the actor said so)
 
 
 @dataclass
@@ -70,8 +71,7 @@ def prepare(it: Input, opts: JobOptions, manifest: JobManifest, device: str, out
     if it.reference is None and opts.reference:
         it.reference = str(Path(opts.reference).resolve())
     prev = dict(manifest.get(it.id) or {})
-    rec = manifest.update(it.id, input=it.input, mask=it.mask, reference=it.reference,
-                          options=opts.row_options(it.options))
+    rec = {"input": it.input, "mask": it.mask, "reference": it.reference, "options": opts.row_options(it.options)}
     try:
         cfg = opts.config_for(device, it.options)
         h, options_sha, input_sha = job_hash(it, cfg, opts)
@@ -81,9 +81,11 @@ def prepare(it: Input, opts: JobOptions, manifest: JobManifest, device: str, out
         done = _done_before(it, opts, manifest, out, prev, rec, h)
         if done is not None:
             return done
+        manifest.update(it.id, **rec)
         p = make_problem(it.input, task=cfg.task, mask=it.mask, reference=it.reference, seed=cfg.seed, cfg=cfg)
     except Exception as e:  # noqa: BLE001  (ImageError, ValueError, OSError, ...: one line, and go on)
         msg = one_line(e)
+        manifest.update(it.id, **rec)
         return _failed(manifest, it.id, msg if it.input in msg else f"{it.input}: {msg}")
     attempts = prev.get("attempts", 0) if prev.get("hash") == h else 0
     manifest.update(it.id, status="pending", error=None, failures=0, requeued=0, attempts=attempts,
@@ -102,10 +104,18 @@ def _done_before(it: Input, opts: JobOptions, manifest: JobManifest, out: Path, 
     old = read_json(js)
     old_job = old.get("job") if isinstance(old, dict) and isinstance(old.get("job"), dict) else {}
     if old_job.get("hash") != h:
-        rec["existing"] = {k: old_job.get(k) for k in ("hash", "options_sha256", "input_sha256", "finished")}
-        return _failed(manifest, it.id, f"{png}: exists with different options (input or config changed since it "
-                                        f"was made); pass --overwrite to replace it, or use another --out",
-                       status="skipped")
+        # the record stays that of the result on disk; this run's refusal is noted beside it
+        err = (f"{png}: exists with different options (input or config changed since it was made); pass "
+               f"--overwrite to replace it, or use another --out")
+        on_disk = prev if prev.get("hash") == old_job.get("hash") and prev.get("status") == "done" else {
+            "id": it.id, "input": it.input, "status": "done", "error": None,
+            **{k: old_job.get(k) for k in ("hash", "options_sha256", "input_sha256", "started", "finished",
+                                           "seconds", "attempts", "worker", "run")},
+            "outputs": outputs(it.id, dest.with_name(dest.name + ".onnx").exists())}
+        manifest.put(it.id, {**on_disk, "skipped": {"run": manifest.run_no, "error": err, "hash": h,
+                                                    "options_sha256": rec.get("options_sha256"),
+                                                    "options": rec.get("options")}})
+        return Outcome("skipped", f"dip: skipped: {err}")
     has_onnx = dest.with_name(dest.name + ".onnx").exists()
     # done with the same hash, but without the ONNX this run asks for (an earlier run had
     # --no-export-onnx, or the file was removed): fit it again, since the weights are not kept
@@ -116,7 +126,8 @@ def _done_before(it: Input, opts: JobOptions, manifest: JobManifest, out: Path, 
     keep = {k: old_job.get(k) for k in ("started", "finished", "seconds", "attempts", "worker")}
     if prev.get("status") == "done" and prev.get("hash") == h:
         keep = {k: prev.get(k) for k in keep}
-    manifest.put(it.id, {**prev, **rec, **keep, "status": "done", "error": None, "outputs": outputs(it.id, has_onnx),
+    manifest.put(it.id, {**prev, "id": it.id, **rec, **keep, "status": "done", "error": None,
+                         "outputs": outputs(it.id, has_onnx),
                          "run": prev.get("run", old_job.get("run", manifest.run_no))})
     return Outcome("done")
 
