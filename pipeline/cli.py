@@ -153,6 +153,19 @@ def _add_bench(sub):
     q.add_argument("--device", default="auto", type=_device)
     q.add_argument("--json", metavar="PATH")
     q.set_defaults(func=_run_bench_quality)
+    pr = bs.add_parser("prior", help="why it works: the same generator fitted to an image, the image with noise, "
+                                     "its pixels shuffled and white noise (the paper's Figure 7)")
+    pr.add_argument("image", metavar="IMAGE")
+    pr.add_argument("--preset", default=None, help="network and schedule (default: denoise on CUDA, the light "
+                                                    "CPU default on a CPU)")
+    pr.add_argument("--steps", type=int, help="steps of every fit (default: the preset's cap)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--device", default="auto", type=_device)
+    pr.add_argument("--sigma", type=float, default=25.0, help="noise of the noisy target, on 0..255 (default 25)")
+    pr.add_argument("--size", type=int, help="centre crop side (default: 64 on a CPU, the whole image on CUDA)")
+    pr.add_argument("--out", default="prior", metavar="DIR", help="where prior.png and prior.json go (default prior/)")
+    pr.add_argument("--json", dest="json_path", metavar="PATH", help="also write the JSON here")
+    pr.set_defaults(func=_run_bench_prior)
     from pipeline.bench.study import build_parser as study_parser  # stdlib imports only
     st = bs.add_parser("study", help="the efficiency study: variants of the presets against the paper's, "
                                      "PSNR and work per image, resumable")
@@ -163,6 +176,11 @@ def _add_bench(sub):
 def _run_bench_speed(args) -> int:
     from pipeline.bench import speed
     return _call(speed.speed_main, args)
+
+
+def _run_bench_prior(args) -> int:
+    from pipeline.bench import prior
+    return _call(prior.main, args)
 
 
 def _run_bench_study(args) -> int:
