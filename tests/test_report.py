@@ -120,7 +120,7 @@ def test_report_from_files(tmp_path):
     assert str(tmp_path) not in text and "/etc/dip" not in text and "outside.png" not in text
     # paths are shown relative to the inputs' common folder (photos/deep); other folders are cut to '…/'
     assert 'class="err">bad.png: not an image (see &#x27;…/x.conf&#x27;)<' in text
-    assert 'data-col="chosen_step" data-sort="250.0">250<' in text
+    assert 'data-col="chosen_step" data-sort="250.0">250 (variance rule, stopped at 650)<' in text
     assert 'data-col="psnr" data-sort="30.1234">30.12<' in text
     assert 'data-col="steps" data-sort="650.0">650 / 3000<' in text
     assert "input: x.png" in text
@@ -128,6 +128,36 @@ def test_report_from_files(tmp_path):
     assert "Batch occupancy (last run)</dt><dd>93%<" in text
     assert text.count("data:image/png;base64,") >= 4  # input + 2 crops + the plot of x, ...
     assert 'alt="loss curve"' in text
+
+
+def test_report_order_ids_devices_and_reference(tmp_path):
+    """What a person found wrong: failed manifest rows carried absolute paths in their data-id, sorted
+    '!row10' before '!row9' and came first; 'Device(s) cpu x4' counted images, not workers; the reference
+    image was not shown; a run that refused other options rewrote the record as skipped."""
+    src = tmp_path / "in"
+    out = tmp_path / "out"
+    write_png(src / "ref.png", size=(16, 16), seed=3)
+    images = {}
+    for i in (9, 10, 2):
+        images[f"!row{i}:{src}/m.csv:{i}"] = {"id": f"!row{i}:{src}/m.csv:{i}", "input": f"{src}/m.csv:{i}",
+                                              "status": "failed", "error": f"{src}/m.csv:{i}: bad row"}
+    for k in ("b10", "b9", "a"):
+        write_png(out / f"{k}.png", size=(16, 16), seed=1)
+        (out / f"{k}.json").write_text(json.dumps({"task": "denoise", "preset": "fast", "steps": 5, "seconds": 1.0,
+                                                   "loss": [0.1] * 5, "job": {"id": k}}))
+        images[k] = {"id": k, "input": str(src / f"{k}.png"), "reference": str(src / "ref.png"), "status": "done",
+                     "outputs": {"png": f"{k}.png", "json": f"{k}.json"}, "seconds": 1.0,
+                     "worker": {"host": "h", "pid": 7 if k == "a" else 8, "device": "cpu"}}
+    images["b9"]["skipped"] = {"run": 2, "error": "b9.png: exists with different options"}
+    (out / "dip-manifest.json").write_text(json.dumps({"format": "dip-manifest/1", "images": images, "runs": [
+        {"run": 1, "status": "finished"}, {"run": 2, "status": "finished"}]}))
+    text = report.build(out).read_text()
+    ids = re.findall(r'<tr data-id="([^"]*)"', text)
+    assert ids == ["a", "b9", "b10", "!row2:m.csv:2", "!row9:m.csv:9", "!row10:m.csv:10"]
+    assert str(src) not in text
+    assert "Device(s)</dt><dd>cpu (2 workers)<" in text and "Skipped</dt><dd>1<" in text
+    assert text.count('alt="reference"') == 3 and "reference: ref.png" in text
+    assert 'data-id="b9" data-status="done"' in text and "exists with different options" in text
 
 
 def test_report_shows_the_step_the_stopping_fallback_chose(tmp_path):
@@ -143,8 +173,10 @@ def test_report_shows_the_step_the_stopping_fallback_chose(tmp_path):
         write_png(out / f"{name}.png", seed=1)
         (out / f"{name}.json").write_text(json.dumps({**base, "stopping": stopping, "job": {"id": name}}))
     text = report.build(out).read_text()
-    assert 'data-col="chosen_step" data-sort="550.0">550<' in text
+    assert 'data-col="chosen_step" data-sort="550.0">550 (discrepancy fallback, at the cap)<' in text
     assert text.count('data-col="chosen_step" data-sort="400.0"') == 0
+    # where the rule did not fire and had no fallback, the cell says so (it was empty)
+    assert 'data-col="chosen_step" data-sort="">not triggered: the last image (the cap)<' in text
 
 
 @pytest.fixture

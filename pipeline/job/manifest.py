@@ -173,8 +173,9 @@ def discover(inputs: list[str], out: Path, pattern: str = "*", task: str = "deno
     for it in items:
         if it.error or not it.id:
             continue
-        if it.id in seen:
+        if it.id in seen:  # it fails under an id of its own: the first one's record is not touched
             it.error = f"{it.input}: output {it.id}.png is also the output of {seen[it.id]}"
+            it.id = ""
         else:
             seen[it.id] = it.input
     for i, it in enumerate(items):  # failed rows still need a unique record id

@@ -181,7 +181,9 @@ class Pool:
                  ", ".join(f"pid {w.info['pid']} on {w.info['host']}" for w in self.workers))
 
     def call_size(self) -> int:
-        return self.opts.slots or (4 if self.device == "cpu" else 32)
+        """Images per call: a CPU actor fits one image at a time (one slot), so one image a call, and a short
+        queue spreads over all the actors; a GPU actor's batch takes many."""
+        return self.opts.slots or (1 if self.device == "cpu" else 32)
 
     def has_room(self, w: Worker) -> bool:
         return w.healthy and room_for_a_call([len(c.ids) for c in w.calls], self.call_size())

@@ -146,7 +146,8 @@ def collect(out) -> dict:
     red = _Redactor(out, [r.get("input") for r in images.values() if isinstance(r, dict)]
                     + [r.get("input") for r in scanned.values()])
     rows = []
-    for key in sorted(images, key=lambda k: str(k)):
+    last_run = len((man or {}).get("runs", []))
+    for key in sorted(images, key=lambda k: _order(images[k], k)):
         m = images[key] if isinstance(images[key], dict) else {}
         outputs = m.get("outputs") if isinstance(m.get("outputs"), dict) else {}
         status = str(m.get("status") or "unknown")
@@ -166,8 +167,14 @@ def collect(out) -> dict:
             seconds = num(rec.get("seconds"))
         worker = m.get("worker") if isinstance(m.get("worker"), dict) else {}
         inp = m.get("input") if isinstance(m.get("input"), str) else rec.get("input")
+        ref = m.get("reference") if isinstance(m.get("reference"), str) else None
+        error = red.text(m.get("error")) or ""
+        skipped = m.get("skipped") if isinstance(m.get("skipped"), dict) else None
+        if skipped and skipped.get("run") == last_run:  # the last run left it as it is: other options
+            error = red.text(skipped.get("error")) or "skipped"
         rows.append({
-            "id": key, "name": red.text(key), "status": status, "error": red.text(m.get("error")) or "",
+            "id": key, "name": red.text(key), "status": status, "error": error,
+            "skipped_now": bool(skipped and skipped.get("run") == last_run),
             "task": rec.get("task") or opts.get("task") or "", "preset": rec.get("preset") or opts.get("preset") or "",
             "steps": num(rec.get("steps")) if rec else None,
             "max_steps": num(opts.get("steps")),
@@ -181,6 +188,8 @@ def collect(out) -> dict:
             "attempts": num(m.get("attempts")), "device": rec.get("device") or worker.get("device") or "",
             "host": worker.get("host") or "",
             "input": inp if isinstance(inp, str) else None, "input_shown": red.path(inp),
+            "reference": ref, "reference_shown": red.path(ref),
+            "worker": (worker.get("host"), worker.get("pid")) if worker.get("pid") else None,
             "output": png, "output_url": _rel_url(out, png) if png else None,
             "output_shown": png.relative_to(out.resolve()).as_posix() if png else "",
             "record": rec,
@@ -190,9 +199,21 @@ def collect(out) -> dict:
             "rows": rows, "redactor": red}
 
 
+_STATUS_RANK = {"done": 0, "skipped": 1, "failed": 2, "running": 3, "pending": 4}
+
+
+def _order(m, key) -> tuple:
+    """Rows by status (done first, then skipped, failed, unfinished), then by id in natural order
+    (row9 before row10)."""
+    status = m.get("status") if isinstance(m, dict) else None
+    natural = [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", str(key))]
+    return _STATUS_RANK.get(status, 5), [(0, t) if isinstance(t, int) else (1, t) for t in natural]
+
+
 def summarize(data: dict) -> dict:
     rows, runs = data["rows"], data["runs"]
     counts = Counter(r["status"] for r in rows)
+    counts["skipped"] += sum(1 for r in rows if r.get("skipped_now"))
     secs = [r["seconds"] for r in rows if r["status"] == "done" and r["seconds"] is not None]
     wall = sum(num(r.get("seconds")) or 0.0 for r in runs)
     fitted_runs = [r for r in runs if isinstance(r.get("counts"), dict) and (num(r["counts"].get("fitted")) or 0) > 0
@@ -204,7 +225,9 @@ def summarize(data: dict) -> dict:
         rate = counts["done"] / wall * 3600
     else:
         rate = None
-    devices = Counter(r["device"] for r in rows if r["status"] == "done" and r["device"])
+    # devices by the workers that fitted (one worker fits many images): {device: number of workers}
+    workers = {(r["device"], r["worker"]) for r in rows if r["status"] == "done" and r["device"] and r["worker"]}
+    devices = Counter(d for d, _w in workers) or Counter({r["device"]: 0 for r in rows if r["device"]})
     hosts = sorted({r["host"] for r in rows if r["host"]})
     last = runs[-1] if runs else {}
     return {"counts": counts, "total": len(rows), "wall": wall if runs else None, "runs": len(runs),

@@ -91,13 +91,14 @@ def _crop_boxes(in_size, out_size):
 def _views(row: dict) -> dict:
     """Data URIs: input thumbnail, input and output centre crops; and the display sizes."""
     from PIL import Image
-    res = {"in_full": None, "in_crop": None, "out_crop": None, "size": None, "crop_size": None}
+    res = {"in_full": None, "in_crop": None, "out_crop": None, "size": None, "crop_size": None, "ref_full": None,
+           "ref_crop": None}
     inp = _load8(row["input"]) if row["input"] and os.path.isfile(row["input"]) else None
     outp = _load8(row["output"]) if row["output"] else None
-    ref = outp or inp
-    if ref is None:
+    ref0 = outp or inp
+    if ref0 is None:
         return res
-    w, h = ref.size
+    w, h = ref0.size
     scale = min(THUMB / max(w, h), float(ZOOM))
     res["size"] = (max(1, round(w * scale)), max(1, round(h * scale)))
     res["pixelated"] = scale > 1
@@ -117,6 +118,16 @@ def _views(row: dict) -> dict:
         ob, _ = _crop_boxes(inp.size, inp.size)
         res["in_crop"] = _data_uri(inp.crop(ob))
         res["crop_size"] = ((ob[2] - ob[0]) * ZOOM, (ob[3] - ob[1]) * ZOOM)
+    refp = row.get("reference")
+    ref = _load8(refp) if refp and os.path.isfile(refp) else None
+    if ref is not None and ref.size == ref0.size:  # the reference is the output's size
+        t = ref.copy()
+        tw, th = res["size"]
+        if t.width > tw or t.height > th:
+            t.thumbnail((tw, th), Image.LANCZOS)
+        res["ref_full"] = _small_uri(t)
+        ob, _ = _crop_boxes(ref.size, ref.size)
+        res["ref_crop"] = _data_uri(ref.crop(ob))
     return res
 
 
@@ -134,7 +145,7 @@ def _plot(rec: dict) -> str | None:
             and num(t[0]) is not None and num(t[1]) is not None] if isinstance(rec.get("psnr_trace"), list) else []
     if not loss and not trace:
         return None
-    fig = Figure(figsize=(4.6, 3.6 if psnr else 2.6), dpi=100)
+    fig = Figure(figsize=(6.4, 5.0 if psnr else 3.8), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(2 if psnr else 1, 1, 1)
     handles = []
@@ -168,8 +179,9 @@ def _plot(rec: dict) -> str | None:
             handles.append(ax.axvline(chosen, color="0.5", ls="--", lw=1, label=f"VAR minimum {chosen:.0f} (not used)"))
         if stopped is not None and stopped != chosen:
             handles.append(ax.axvline(stopped, color="C3", ls=":", lw=1.2, label=f"stopped at {stopped:.0f}"))
-    if handles:
-        ax.legend(handles=handles, fontsize=7, loc="best", framealpha=0.8)
+    if handles:  # below the axes, never over the curves
+        ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22),
+                  ncol=min(3, len(handles)), frameon=False)
     reason = str(rec.get("stop_reason") or "").replace("$", "")[:40]
     if reason:
         ax.set_title(f"stop reason: {reason}", fontsize=8)
@@ -284,6 +296,19 @@ def _fmt_dur(s) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d} min"
 
 
+def auto_stop_text(r) -> str:
+    """What auto-stop did, in words: the rule that chose the saved image and its step, or why none did."""
+    st = r.get("stopping")
+    if not st:
+        return "off (fixed steps)" if r.get("status") == "done" else ""
+    chosen, stopped, fb = num(st.get("chosen_step")), num(st.get("stopped_at")), fallback_step(st)
+    if stopped is not None and chosen is not None:
+        return f"{chosen:.0f} (variance rule, stopped at {stopped:.0f})"
+    if fb is not None:
+        return f"{fb:.0f} (discrepancy fallback, at the cap)"
+    return "not triggered: the last image (the cap)"
+
+
 def _steps_cell(r) -> str:
     if r["steps"] is None:
         return ""
@@ -303,7 +328,8 @@ def _summary_html(s: dict, data: dict) -> str:
         cards.append((f"Wall time ({s['runs']} run{'s' if s['runs'] != 1 else ''})", _fmt_dur(s["wall"])))
     cards += [("Fit time per image (mean)", _fmt_dur(s["mean"])), ("Fit time per image (median)", _fmt_dur(s["median"])),
               ("Images / hour", "–" if s["rate"] is None else f"{s['rate']:.0f}")]
-    dev = ", ".join(f"{d} ×{n}" for d, n in sorted(s["devices"].items())) or ", ".join(s["run_devices"]) or "–"
+    dev = ", ".join(f"{d} ({n} worker{'s' if n != 1 else ''})" if n else d
+                    for d, n in sorted(s["devices"].items())) or ", ".join(s["run_devices"]) or "–"
     cards.append(("Device(s)", dev))
     if s["actors"]:
         cards.append(("Workers (last run)", s["actors"]))
@@ -347,10 +373,10 @@ def _table_html(rows: list[dict], detail_ids: set) -> str:
     out.append("</tr></thead><tbody>")
     for i, r in enumerate(rows):
         vals = {"idx": (i + 1, str(i + 1)), "steps": (r["steps"], _steps_cell(r)),
-                "chosen_step": (r["chosen_step"], _fmt(r["chosen_step"], 0)),
+                "chosen_step": (r["chosen_step"], auto_stop_text(r)),
                 "seconds": (r["seconds"], _fmt(r["seconds"], 2)), "psnr": (r["psnr"], _fmt(r["psnr"], 2)),
                 "ssim": (r["ssim"], _fmt(r["ssim"], 4)), "attempts": (r["attempts"], _fmt(r["attempts"], 0))}
-        out.append(f'<tr data-id="{esc(r["id"])}" data-status="{esc(r["status"])}">')
+        out.append(f'<tr data-id="{esc(r["name"])}" data-status="{esc(r["status"])}">')
         for _head, k, num, cls in COLUMNS:
             ca = f' class="{cls}"' if cls else ""
             if num:
@@ -391,10 +417,8 @@ def _detail_html(i: int, r: dict) -> str:
             facts.append(f"{label}: {r[k]}")
     if r["steps"] is not None:
         facts.append(f"steps: {_steps_cell(r)}" + (f" (stop: {r['stop_reason']})" if r["stop_reason"] else ""))
-    if r["chosen_step"] is not None:
-        facts.append(f"auto-stop chose step {r['chosen_step']:.0f}")
-    elif r["stop_rule"]:
-        facts.append(f"auto-stop: {r['stop_rule']}")
+    if r["stopping"] or r["status"] == "done":
+        facts.append(f"auto-stop: {auto_stop_text(r)}")
     sizes = [r["record"].get(k) for k in ("input_size", "output_size")]
     if all(isinstance(z, list) and len(z) == 2 and all(num(q) is not None for q in z) for z in sizes):
         facts.append(f"{sizes[0][0]:.0f}×{sizes[0][1]:.0f} → {sizes[1][0]:.0f}×{sizes[1][1]:.0f} px")
@@ -402,7 +426,7 @@ def _detail_html(i: int, r: dict) -> str:
         facts.append(f"time: {r['seconds']:.2f} s")
     if r["psnr"] is not None:
         facts.append(f"PSNR {r['psnr']:.2f} dB, SSIM {_fmt(r['ssim'], 4)}")
-    parts = [f'<article id="img-{i}" class="image st-{esc(r["status"])}" data-id="{esc(r["id"])}">',
+    parts = [f'<article id="img-{i}" class="image st-{esc(r["status"])}" data-id="{esc(r["name"])}">',
              f'<h3>{esc(r["name"])}</h3>', f'<p class="facts">{esc(" · ".join(facts))}</p>']
     if r["error"]:
         parts.append(f'<p class="err">{esc(r["error"])}</p>')
@@ -417,6 +441,10 @@ def _detail_html(i: int, r: dict) -> str:
         full.append(_img(None, None, out_cap, False, "output"))
     crop = [_img(v["in_crop"], v["crop_size"], f"input, centre crop ×{ZOOM}", True, "input crop"),
             _img(v["out_crop"], v["crop_size"], f"output, centre crop ×{ZOOM}", True, "output crop")]
+    if v.get("ref_full"):
+        ref_cap = "reference" + (f": {r['reference_shown']}" if r.get("reference_shown") else "")
+        full.append(_img(v["ref_full"], size, ref_cap, px, "reference"))
+        crop.append(_img(v["ref_crop"], v["crop_size"], f"reference, centre crop ×{ZOOM}", True, "reference crop"))
     parts.append('<div class="views">'
                  f'<input type="radio" class="vfull" name="view-{i}" id="view-{i}-full" checked>'
                  f'<label for="view-{i}-full">Full</label>'
@@ -430,7 +458,7 @@ def _detail_html(i: int, r: dict) -> str:
         log.warning("%s: cannot plot the loss curve: %s", r["name"], e)
         plot = None
     if plot:
-        parts.append(f'<figure class="plot"><img src="{esc(plot)}" alt="loss curve" width="460" loading="lazy">'
+        parts.append(f'<figure class="plot"><img src="{esc(plot)}" alt="loss curve" width="640" loading="lazy">'
                      "<figcaption>loss per step"
                      + ("; VAR of the stopping rule, its chosen step and where it stopped" if r["stopping"] else "")
                      + ("; PSNR against the reference" if r["record"].get("psnr_trace") else "")
