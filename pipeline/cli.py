@@ -143,6 +143,11 @@ def _add_bench(sub):
                                                   "comma list to compare them (default auto: grouped on CUDA)")
     s.add_argument("--profile", type=int, default=0, metavar="N",
                    help="profile N more steps of each batched configuration: time by kind of kernel")
+    s.add_argument("--concurrent", type=int, default=0, metavar="K",
+                   help="run the single fit alone, then K copies of it at once (K processes), and report each "
+                        "copy's time against the one alone")
+    s.add_argument("--threads", type=int, metavar="N", help="with --concurrent: each copy's torch threads "
+                                                            "(default: torch's own, every core)")
     s.add_argument("--json", metavar="PATH")
     s.set_defaults(func=_run_bench_speed)
     q = bs.add_parser("quality", help="PSNR on the paper's benchmark sets")

@@ -99,3 +99,14 @@ def test_grouped_and_per_slot_convolutions_compute_the_same_generators():
     assert outs[0].shape == (3, 3, 32, 32)
     # float32 round-off, grown by BatchNorm; mixing up slots would differ by ~0.1
     assert (outs[0] - outs[1]).abs().max() < 1e-4
+
+
+def test_bench_speed_concurrent_copies(tmp_path, capsys):
+    """K copies at once against one alone (issue 19): every copy is timed and compared."""
+    out = tmp_path / "c.json"
+    assert main(["bench", "speed", "--device", "cpu", "--size", "32", "--steps", "2", "--concurrent", "2",
+                 "--threads", "1", "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["concurrent"] == 2 and d["threads"] == 1 and d["alone_ms"] > 0 and len(d["copies_ms"]) == 2
+    assert all(x > 0 for x in d["slowdown"])
+    assert "copy 2 of 2 at once" in capsys.readouterr().out

@@ -10,6 +10,9 @@ header gives the work of one fit-step: parameters, GFLOP and modelled bytes (pip
 or one ordinary convolution per slot). ``--profile N`` profiles N more steps of every batched
 configuration with torch.profiler and reports where the time goes, by kind of kernel (GPU kernel time on
 CUDA, operator self time on the CPU), with the top kernels; all of it goes into the JSON.
+
+``--concurrent K [--threads N]`` runs the bench alone, then K copies of it at once, and reports each
+copy's time against the one alone: what sharing a machine costs (two jobs, a job beside a notebook).
 """
 from __future__ import annotations
 
@@ -127,10 +130,55 @@ def time_config(cfg, size: int, slots: int, steps: int, device, warmup: int = 3,
     return row
 
 
+def concurrent_main(k: int, threads: int | None, args: list[str], json: str | None = None) -> int:
+    """``dip bench speed --concurrent K``: the same bench run alone, then K copies at once (K processes, as two
+    jobs sharing a machine would be); each copy's ms/step against the one alone. ``threads``: each copy's
+    torch threads (OMP_NUM_THREADS; default: torch's, which takes every core of the machine)."""
+    import json as _json
+    import os
+    import subprocess
+    import tempfile
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    with tempfile.TemporaryDirectory(prefix="dip-concurrent-") as tmp:
+        def start(name):
+            cmd = [sys.executable, "-m", "pipeline.cli", "bench", "speed", *args, "--json", f"{tmp}/{name}.json"]
+            return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+        def single_ms(name) -> float:
+            with open(f"{tmp}/{name}.json") as f:
+                return _json.load(f)["rows"][0]["step_ms"]
+        p = start("alone")
+        if p.wait() != 0:
+            print(p.stderr.read(), file=sys.stderr)
+            return 1
+        alone = single_ms("alone")
+        procs = [start(f"copy{i}") for i in range(k)]
+        if any(q.wait() != 0 for q in procs):
+            print("a copy failed: " + "".join(q.stderr.read() for q in procs), file=sys.stderr)
+            return 1
+        copies = [single_ms(f"copy{i}") for i in range(k)]
+    print(f"{'run':24s} {'ms/step':>9s} {'x alone':>8s}   (torch threads: {threads or 'default'})")
+    print(f"{'alone':24s} {alone:9.2f} {1.0:8.2f}")
+    for i, ms in enumerate(copies):
+        print(f"{f'copy {i + 1} of {k} at once':24s} {ms:9.2f} {ms / alone:8.2f}")
+    if json:
+        with open(json, "w") as f:
+            _json.dump({"concurrent": k, "threads": threads, "args": args, "alone_ms": alone, "copies_ms": copies,
+                        "slowdown": [round(c / alone, 3) for c in copies]}, f, indent=1)
+    return 0
+
+
 def speed_main(device: str = "auto", size: int | None = None, batch: str | None = None, steps: int | None = None,
                preset: str | None = None, precision: str | None = None, conv: str = "auto", profile: int = 0,
-               json: str | None = None) -> int:
+               json: str | None = None, concurrent: int = 0, threads: int | None = None) -> int:
     """`dip bench speed`. Returns the exit code."""
+    if concurrent and concurrent > 1:
+        args = ["--device", device, "--batch", str(batch or 1)] + [
+            x for k, v in (("--size", size), ("--steps", steps), ("--preset", preset), ("--precision", precision))
+            if v is not None for x in (k, str(v))]
+        return concurrent_main(concurrent, threads, args, json)
     import json as _json
     import torch
     from pipeline.config import make_config
