@@ -58,10 +58,11 @@ def test_bench_speed_cpu(tmp_path, capsys):
                  "--json", str(out)]) == 0
     d = json.loads(out.read_text())
     labels = [r["label"] for r in d["rows"]]
-    assert labels == ["single fit (original-equivalent)", "batched fp32 B=2"]
+    assert labels == ["plain torch loop (the original's)", "single fit (original-equivalent)", "batched fp32 B=2"]
+    assert isinstance(d["rows"][1]["engine_overhead"], float)
     for r in d["rows"]:
         assert r["step_ms"] > 0 and r["fit_steps_per_s"] > 0 and r["images_per_hour"] > 0
-    assert d["rows"][1]["speedup"] > 0
+    assert d["rows"][2]["speedup"] > 0
     assert "batched fp32 B=2" in capsys.readouterr().out
 
 
@@ -71,8 +72,8 @@ def test_bench_speed_compares_conv_modes_and_profiles(tmp_path, capsys):
                  "--conv", "grouped,loop", "--profile", "1", "--json", str(out)]) == 0
     d = json.loads(out.read_text())
     rows = {r["label"]: r for r in d["rows"]}
-    assert set(rows) == {"single fit (original-equivalent)", "batched fp32 B=2 conv=grouped",
-                         "batched fp32 B=2 conv=loop"}
+    assert set(rows) == {"plain torch loop (the original's)", "single fit (original-equivalent)",
+                         "batched fp32 B=2 conv=grouped", "batched fp32 B=2 conv=loop"}
     for label in ("batched fp32 B=2 conv=grouped", "batched fp32 B=2 conv=loop"):
         pr = rows[label]["profile"]
         assert pr["ms_per_step"] > 0 and pr["top"]

@@ -90,6 +90,51 @@ def profile_calls(fn, steps: int, dev) -> dict:
     }
 
 
+def time_plain(cfg, size: int, steps: int, device, warmup: int = 3) -> dict:
+    """One fit as the original's loop runs it: the generator (one slot), its parameters in torch.optim.Adam,
+    input noise, the masked MSE, backward, the step, the output average; no divergence check, no flat
+    buffers. What the engine at one slot is measured against (its own overhead)."""
+    import torch
+    from pipeline.generator import SkipGenerator, make_input
+    from pipeline.operators import make_operator
+    dev = torch.device(device)
+    net = cfg.net.with_channels(3)
+    G = SkipGenerator(net, 1, dev)
+    G.init_slot(0, 0)
+    params = [G._params[sp.name] for sp in G.specs]
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps)
+    h = size // cfg.factor
+    op = make_operator(cfg.task, cfg.factor, 1, (h, h)).to(dev)
+    op.mask.fill_(1.0)
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(1, 3, h, h, generator=g).to(dev)
+    z = make_input(cfg.input_kind, net.input_depth, size, size, 0, cfg.input_scale).unsqueeze(0).to(dev)
+    avg = torch.zeros(1, 3, size, size, device=dev)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = G(z + cfg.reg_noise_std * torch.randn_like(z))
+        loss = op.data_term(out, target).sum()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            avg.mul_(cfg.ema).add_(out.detach(), alpha=1 - cfg.ema)
+
+    for _ in range(warmup):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    dt = (time.perf_counter() - t0) / steps
+    return {"precision": cfg.precision, "size": size, "slots": 1, "conv": "plain", "step_ms": round(dt * 1e3, 3),
+            "fit_steps_per_s": round(1 / dt, 2), "images_per_hour": round(3600 / (dt * cfg.steps), 1),
+            "tflops": 0.0, "peak_gib_per_fit": 0.0}
+
+
 def time_config(cfg, size: int, slots: int, steps: int, device, warmup: int = 3, conv: str = "auto",
                 profile: int = 0, use_kernels: bool | None = None) -> dict:
     import torch
@@ -148,7 +193,8 @@ def concurrent_main(k: int, threads: int | None, args: list[str], json: str | No
 
         def single_ms(name) -> float:
             with open(f"{tmp}/{name}.json") as f:
-                return _json.load(f)["rows"][0]["step_ms"]
+                rows = _json.load(f)["rows"]
+            return next(r for r in rows if r["label"].startswith("single fit"))["step_ms"]  # the engine's
         p = start("alone")
         if p.wait() != 0:
             print(p.stderr.read(), file=sys.stderr)
@@ -218,10 +264,16 @@ def speed_main(device: str = "auto", size: int | None = None, batch: str | None 
         kinds = ", ".join(f"{k} {v['ms']:.2f} ({100 * v['share']:.0f}%)" for k, v in pr["by_kind"].items())
         print(f"    profile ({pr['what']}, ms/step {pr['ms_per_step']:.2f}): {kinds}", flush=True)
 
+    plain = time_plain(base.replace(precision="tf32" if cuda else "fp32"), size, steps, dev)
+    plain["label"] = "plain torch loop (the original's)"
+    rows.append(plain)
+    show(plain)
     single = time_config(base.replace(precision="tf32" if cuda else "fp32"), size, 1, steps, dev)
     single["label"] = "single fit (original-equivalent)"
+    single["engine_overhead"] = round(single["step_ms"] / plain["step_ms"] - 1, 3)
     rows.append(single)
     show(single)
+    print(f"    the engine at one slot against the plain loop: {100 * single['engine_overhead']:+.1f} %", flush=True)
     for prec in precisions:
         for conv in convs:
             for b in batches:
