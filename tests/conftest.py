@@ -25,6 +25,7 @@ def ray_session():
     ray = pytest.importorskip("ray")
     if not ray.is_initialized():
         os.environ.pop("RAY_ADDRESS", None)
+        os.environ.setdefault("RAY_worker_niceness", "0")  # as dip's own local instance (pipeline.job.pool)
         ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     yield ray

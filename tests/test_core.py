@@ -488,6 +488,8 @@ def test_cli_mask_and_reference_options_reach_the_fit(tmp_path):
     man = json.loads((out / "dip-manifest.json").read_text())
     (entry,) = man["images"].values()
     assert entry["mask"].endswith("holes.png") and entry["reference"].endswith("ref.png")
+    # one single-threaded fit per core, at the command's own priority (Ray's default nice 15 starved it)
+    assert entry["worker"]["threads"] == 1 and entry["worker"]["nice"] == os.nice(0)
 
 
 def test_slots_for_memory_counts_fixed_costs_once():

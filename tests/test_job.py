@@ -204,33 +204,45 @@ def _fit_workers_of_this_session(ray) -> list[int]:
     return pids
 
 
+@contextlib.contextmanager
+def _kill_a_worker(ray, when, first: float = 0.0):
+    """While the block runs, SIGKILL this session's fitting actor once ``when()`` says so; yields the list of
+    the pids killed."""
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer():
+        time.sleep(first)
+        while not stop.is_set():
+            pids = _fit_workers_of_this_session(ray)
+            if pids and when():
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.03)
+
+    th = threading.Thread(target=killer, daemon=True)
+    th.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        th.join(5)
+
+
 def test_killed_worker_is_replaced_and_job_completes(tmp_path, ray_session):
     src = tmp_path / "in"
     ids = [f"k{i}" for i in range(4)]
     for i, k in enumerate(ids):
         write_png(src / f"{k}.png", size=(32, 32), seed=i)
     out = tmp_path / "out"
-    killed: list[int] = []
-    stop = threading.Event()
 
-    def killer():
-        time.sleep(0.5)
-        while not stop.is_set():
-            pids = _fit_workers_of_this_session(ray_session)
-            if pids:
-                time.sleep(0.1)  # let the 'started' event reach the driver
-                os.kill(pids[0], signal.SIGKILL)
-                killed.append(pids[0])
-                return
-            time.sleep(0.02)
+    def ready():
+        time.sleep(0.1)  # let the 'started' event reach the driver
+        return True
 
-    th = threading.Thread(target=killer, daemon=True)
-    th.start()
-    try:
+    with _kill_a_worker(ray_session, ready, first=0.5) as killed:
         rc = restore(src, "--out", out, "--steps", 15, "--slots", 2, *FAST)
-    finally:
-        stop.set()
-        th.join(5)
     assert killed, "the job ended before a worker could be killed"
     assert rc == 0
     m = manifest(out)["images"]
@@ -423,30 +435,16 @@ def test_a_killed_worker_charges_only_the_image_it_was_fitting(tmp_path, ray_ses
     for i, k in enumerate(ids):
         write_png(src / f"{k}.png", size=(24, 24), seed=i)
     out = tmp_path / "out"
-    killed: list[int] = []
-    stop = threading.Event()
 
-    def killer():  # once an image of the run is being fitted (the actor said so), kill the actor
-        while not stop.is_set():
-            try:
-                m = manifest(out)
-            except (OSError, ValueError):
-                m = None
-            if m and any(r.get("status") == "running" for r in m["images"].values()):
-                pids = _fit_workers_of_this_session(ray_session)
-                if pids:
-                    os.kill(pids[0], signal.SIGKILL)
-                    killed.append(pids[0])
-                    return
-            time.sleep(0.05)
+    def fitting():  # once an image of the run is being fitted (the actor said so)
+        try:
+            m = manifest(out)
+        except (OSError, ValueError):
+            return False
+        return any(r.get("status") == "running" for r in m["images"].values())
 
-    th = threading.Thread(target=killer, daemon=True)
-    th.start()
-    try:
+    with _kill_a_worker(ray_session, fitting) as killed:
         rc = restore(src, "--out", out, "--steps", 150, "--actors", 1, *FAST)
-    finally:
-        stop.set()
-        th.join(5)
     assert killed and rc == 0
     m = manifest(out)["images"]
     assert {m[k]["status"] for k in ids} == {"done"}

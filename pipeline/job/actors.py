@@ -100,7 +100,7 @@ class FitWorker:
         import ray
         ctx = ray.get_runtime_context()
         return {"pid": os.getpid(), "node": ctx.get_node_id(), "host": socket.gethostname(), "device": self.device,
-                "gpus": [str(g) for g in ray.get_gpu_ids()], "threads": self.threads}
+                "gpus": [str(g) for g in ray.get_gpu_ids()], "threads": self.threads, "nice": os.nice(0)}
 
     def _start_engine(self) -> None:
         """(Under the lock.) A new inbox and engine thread, unless one is running."""

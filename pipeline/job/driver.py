@@ -379,7 +379,7 @@ class Driver:
             if entry is not None:
                 entry.fitting = True
                 rec = self.manifest.get(key) or {}
-                w = {k: call.worker.info.get(k) for k in ("node", "host", "pid", "device")}
+                w = {k: call.worker.info.get(k) for k in ("node", "host", "pid", "device", "threads", "nice")}
                 self.manifest.update(key, status="running", started=ev["time"],
                                      attempts=int(rec.get("attempts") or 0) + 1, worker=w)
             return

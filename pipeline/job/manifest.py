@@ -43,7 +43,7 @@ job runs, and always at its end (also on Ctrl-C)::
           "started": iso-8601 | null, "finished": iso-8601 | null, "seconds": 12.3,
           "input_sha256": "...", "options_sha256": "...", "hash": "...",
           "outputs": {"png": "sub/a.png", "json": "sub/a.json", "onnx": "sub/a.onnx" | null},
-          "worker": {"node": "...", "host": "...", "pid": 1234, "device": "cpu"},
+          "worker": {"node": "...", "host": "...", "pid": 1234, "device": "cpu", "threads": 1, "nice": 0},
           "failures": 0,                # failed tries of this run (worker died / fit raised), <= --max-retries
           "requeued": 0,                # times it went back to the queue in this run
           "run": 1                      # the run that last changed this record

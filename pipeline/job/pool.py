@@ -85,6 +85,10 @@ def init_ray(opts: JobOptions) -> tuple[bool, str]:
     address = opts.address or os.environ.get("RAY_ADDRESS") or "local"
     kw = {"log_to_driver": True, "configure_logging": False}
     if address == "local":
+        # the workers run at the command's own priority: Ray's default, nice 15, left them about a thirtieth
+        # of a core beside any busy process (a notebook, another job), and a small job looked hung for
+        # minutes; `nice dip restore ...` still makes the whole job yield
+        os.environ.setdefault("RAY_worker_niceness", "0")
         kw.update(include_dashboard=bool(opts.dashboard_host), num_cpus=usable_cpus())
         if opts.dashboard_host:
             kw["dashboard_host"] = opts.dashboard_host
