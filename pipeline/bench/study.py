@@ -109,6 +109,11 @@ CANDIDATES = [
     _v("d-w32x2", "two fits of d-w32, averaged", k=2, net=_w(32), stop={"patience": 4, "rel_tol": 0.7}),
     _v("d-w32x3", "three fits of d-w32, averaged", k=3, net=_w(32), stop={"patience": 4, "rel_tol": 0.7}),
     _v("s-w32", "32 channels, 1500 steps", net=_w(32), steps=1500),
+    _v("d-w32e", "d-w32 with the average's warm-up", net=_w(32), stop={"patience": 4, "rel_tol": 0.7},
+       ema_warmup=True),
+    _v("s-w32e", "s-w32 with the average's warm-up", net=_w(32), steps=1500, ema_warmup=True),
+    _v("i-w32e", "i-w32 with the average's warm-up", lr=0.01, steps=3000, net=_w(32), ema_warmup=True,
+       stop={"patience": 16, "min_steps": 500}),
     # inpainting's paper preset (lr 0.001, 11000 steps) is ten times slower than the others: its schedule at
     # the others' pace, with the inpainting rule's time scales for lr 0.01 (pipeline.stopping)
     _v("i-fast", "lr 0.01, 3000 steps at most", lr=0.01, steps=3000, stop={"patience": 16, "min_steps": 500}),
