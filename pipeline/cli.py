@@ -58,7 +58,10 @@ def _add_restore(sub):
     p.add_argument("--output", choices=("ema", "weights_ema", "last"),
                    help="which image is the result: ema = average of outputs (default, the paper's, best quality; "
                         "distilled into the generator so that the .onnx re-renders it, see --distill-steps); "
-                        "weights_ema = the averaged generator; last = the last generator")
+                        "weights_ema = the averaged generator; last = the last generator. A short fit of a "
+                        "paper preset (a few hundred steps or fewer) averages in its first, blurry outputs "
+                        "(the decay is 0.99: after 100 steps a third of the weight is still on them): use "
+                        "--output last there, or a light preset, which warms its average up")
     p.add_argument("--distill-steps", type=int, metavar="N",
                    help="with --output ema: steps (default 200, at most a tenth of the fit's) that fit the "
                         "generator to the output average, so that the saved image is the .onnx's render; "
