@@ -471,6 +471,9 @@ def test_a_rerun_with_nothing_to_do_starts_no_ray_and_outputs_are_readable(tmp_p
     assert {p.suffix for p in files} >= {".png", ".json", ".onnx", ".html"}
     assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o644 for p in files}
     assert not (out / ".dip-job.lock").exists()
+    for rec in manifest(out)["images"].values():  # the work of each image: in its JSON and the manifest
+        w = json.loads((out / f"{rec['id']}.json").read_text())["work"]
+        assert rec["work"] == w and w["steps"] == 3 + 1 and w["gflop"] == pytest.approx(4 * w["gflop_per_step"], rel=1e-2)
     t = time.time()
     assert restore(src, "--out", out, "--steps", 3, "--preset", "fast", "--device", "cpu", "--quiet") == 0
     run = manifest(out)["runs"][-1]

@@ -92,6 +92,8 @@ def test_report_from_files(tmp_path):
     write_png(tmp_path / "outside.png", seed=7)
     loss = [0.05 * 0.995 ** i for i in range(650)]
     rec = {"task": "denoise", "preset": "denoise", "steps": 650, "stop_reason": "auto", "seconds": 12.5,
+           "work": {"params": 2217831, "gflop_per_step": 7.19, "bytes_per_step": 393632064, "steps": 715,
+                    "gflop": 5140.85},
            "device": "cuda:0", "metrics": {"psnr": 30.1234, "ssim": 0.91234}, "loss": loss,
            "input": str(src / "deep" / "x.png"),
            "psnr_trace": [[s, 20 + s / 100] for s in range(50, 651, 50)],
@@ -126,6 +128,7 @@ def test_report_from_files(tmp_path):
     assert "input: x.png" in text
     assert "Images / hour</dt><dd>200<" in text  # 2 fitted in 36 s
     assert "Batch occupancy (last run)</dt><dd>93%<" in text
+    assert "Work (GFLOP: steps × FLOPs a step)</dt><dd>10.3 TFLOP, 5.1 TFLOP an image<" in text  # x and orphan
     assert text.count("data:image/png;base64,") >= 4  # input + 2 crops + the plot of x, ...
     assert 'alt="loss curve"' in text
 

@@ -229,8 +229,10 @@ def summarize(data: dict) -> dict:
     workers = {(r["device"], r["worker"]) for r in rows if r["status"] == "done" and r["device"] and r["worker"]}
     devices = Counter(d for d, _w in workers) or Counter({r["device"]: 0 for r in rows if r["device"]})
     hosts = sorted({r["host"] for r in rows if r["host"]})
+    work = [num((r["record"].get("work") or {}).get("gflop")) for r in rows if r["status"] == "done"]
+    work = [w for w in work if w is not None]
     last = runs[-1] if runs else {}
-    return {"counts": counts, "total": len(rows), "wall": wall if runs else None, "runs": len(runs),
+    return {"counts": counts, "gflop": sum(work) if work else None, "gflop_mean": sum(work) / len(work) if work else None, "total": len(rows), "wall": wall if runs else None, "runs": len(runs),
             "mean": statistics.fmean(secs) if secs else None, "median": statistics.median(secs) if secs else None,
             "fit_sum": sum(secs) if secs else None, "rate": rate, "devices": devices, "hosts": hosts,
             "run_devices": sorted({str(r.get("device")) for r in runs if r.get("device")}),

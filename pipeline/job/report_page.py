@@ -328,6 +328,9 @@ def _summary_html(s: dict, data: dict) -> str:
         cards.append((f"Wall time ({s['runs']} run{'s' if s['runs'] != 1 else ''})", _fmt_dur(s["wall"])))
     cards += [("Fit time per image (mean)", _fmt_dur(s["mean"])), ("Fit time per image (median)", _fmt_dur(s["median"])),
               ("Images / hour", "–" if s["rate"] is None else f"{s['rate']:.0f}")]
+    if s.get("gflop") is not None:
+        from pipeline.work import fmt_gflop
+        cards.append(("Work (GFLOP: steps × FLOPs a step)", f"{fmt_gflop(s['gflop'])}, {fmt_gflop(s['gflop_mean'])} an image"))
     dev = ", ".join(f"{d} ({n} worker{'s' if n != 1 else ''})" if n else d
                     for d, n in sorted(s["devices"].items())) or ", ".join(s["run_devices"]) or "–"
     cards.append(("Device(s)", dev))
