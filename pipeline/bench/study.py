@@ -353,6 +353,30 @@ def print_tables(rows: list[dict], file=None) -> None:
               f"{f(s.get('d_anchor'), '+10.2f') if 'd_anchor' in s else '':>10s}", file=file)
 
 
+def markdown_tables(rows: list[dict], variants: list[str] | None = None) -> str:
+    """The tables of :func:`print_tables` as Markdown (docs/efficiency.md is made from the JSONL with it)."""
+    out, cur = [], None
+    for s in summarize(rows):
+        if variants and s["variant"] not in variants:
+            continue
+        head = (s["suite"], s["sigma"], s["crop"], s["part"])
+        if head != cur:
+            cur = head
+            sig = f", σ={s['sigma']:g}" if s["sigma"] is not None else ""
+            out += ["", f"**{s['suite']}{sig}, {s['crop']}² crops, {s['part']} images**", "",
+                    "| variant | n | auto-stop dB | oracle dB | vs paper | steps | GFLOP/image | × paper | CPU s/image "
+                    "| params | vs anchor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        f = lambda x, spec: format(x, spec) if x is not None else "–"  # noqa: E731
+        if "psnr" in s:
+            out.append(f"| {s['variant']} | {s['n']} | {s['psnr']:.2f} | | | | | | {s['cpu_s']:.1f} | | |")
+            continue
+        out.append(f"| {s['variant']} | {s['n']} | {f(s['auto'], '.2f')} | {f(s['oracle'], '.2f')} | "
+                   f"{f(s.get('d_auto'), '+.2f')} | {f(s['steps'], '.0f')} | {f(s['gflop'], '.0f')} | "
+                   f"{f(s.get('gflop_ratio'), '.3f')} | {f(s['cpu_s'], '.1f')} | {s['params']:,} | "
+                   f"{f(s.get('d_anchor'), '+.2f')} |")
+    return "\n".join(out).strip() + "\n"
+
+
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = p or argparse.ArgumentParser(prog="dip bench study", description=__doc__.splitlines()[0])
     p.add_argument("--suite", default="denoise,sr,inpaint", help="comma list of denoise, sr, inpaint")
@@ -369,18 +393,23 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--images", help="comma list: only these images of the part")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one process per core)")
     p.add_argument("--out", default="docs/study/study.jsonl", help="the JSONL file rows are appended to")
-    p.add_argument("--table", metavar="JSONL", help="only print the tables of this file")
+    p.add_argument("--table", metavar="JSONL", nargs="+", help="only print the tables of these files")
+    p.add_argument("--markdown", action="store_true", help="with --table: as Markdown")
     p.add_argument("--data", default=None)
     return p
 
 
 def main(suite: str = "denoise,sr,inpaint", part: str = "tune", variants: str | None = None, crop: int = 64,
          sigma: float | None = None, margin: int = 1000, seed: int = 0, max_steps: int | None = None,
-         images: str | None = None, threads: int = 1, out: str = "docs/study/study.jsonl", table: str | None = None,
-         data=None) -> int:
+         images: str | None = None, threads: int = 1, out: str = "docs/study/study.jsonl",
+         table: list[str] | None = None, markdown: bool = False, data=None) -> int:
     """`dip bench study` (the options of :func:`build_parser`). Returns the exit code."""
     if table:
-        print_tables(read_rows(Path(table)))
+        rows = [r for t in ([table] if isinstance(table, str) else table) for r in read_rows(Path(t))]
+        if markdown:
+            print(markdown_tables(rows, [v.strip() for v in variants.split(",")] if variants else None))
+        else:
+            print_tables(rows)
         return 0
     import torch
     torch.set_num_threads(max(1, int(threads)))
