@@ -1,0 +1,69 @@
+"""Replay the auto-stop rule with other settings on the traces a study recorded (no fit is run).
+
+    python tools/replay_stop.py docs/study/study.jsonl --suite denoise --part tune --variants w32,w48,w64
+
+Every study row keeps, per fit, the raw VAR trace of the rule (every 50 steps) and the PSNR of every checked
+image (pipeline.bench.study): the rule's choice under another rel_tol / patience / lag is then exact for a
+single fit (an ensemble's mean image is not recorded). Prints, per variant, the mean gap to the oracle
+and the mean stop step of every setting of the grid, best first, and the current rule's.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def replay(row: dict, cfg) -> tuple[float, float, int]:
+    """(PSNR of the image the rule chooses, the oracle PSNR, the step it stops at) of a single-fit row."""
+    from pipeline.stopping import choose_from_trace
+    m = row["members"][0]
+    by_step = {int(s): p for s, p, _pm in m["metric_trace"]}
+    best = max(by_step.values())
+    chosen, stopped = choose_from_trace(m["var_trace"], cfg)
+    last = by_step[max(by_step)]
+    if stopped is None:  # the rule never fired within the recorded run: the fit went to its end
+        return last, best, m["ran"]
+    return by_step.get(chosen, last), best, stopped
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("jsonl", nargs="+")
+    ap.add_argument("--suite", default="denoise")
+    ap.add_argument("--part", default="tune")
+    ap.add_argument("--variants", required=True)
+    ap.add_argument("--top", type=int, default=5)
+    a = ap.parse_args(argv)
+    from pipeline.bench.study import variants_for
+    from pipeline.config import make_config
+    from pipeline.stopping import stop_config_for
+    rows = [json.loads(x) for f in a.jsonl for x in Path(f).read_text().splitlines() if x.strip()]
+    grid = [dict(rel_tol=t, patience=p, lag=g) for t, p, g in
+            itertools.product((0.3, 0.5, 0.7, 0.8), (4, 6, 8, 12), (0, 1))]
+    for v in variants_for(a.suite, a.variants.split(",")):
+        rs = [r for r in rows if r["suite"] == a.suite and r["part"] == a.part and r["variant"] == v.name
+              and r.get("k", 1) == 1 and "members" in r]
+        if not rs:
+            print(f"{v.name}: no single-fit rows")
+            continue
+        base = stop_config_for(make_config({"sr": "sr", "inpaint": "inpaint"}.get(a.suite, "denoise")), **v.stop)
+        res = []
+        for g in grid + [{}]:
+            cfg = base.replace(**g)
+            got = [replay(r, cfg) for r in rs]
+            gap = sum(p - b for p, b, _s in got) / len(got)
+            res.append((gap, sum(s for _p, _b, s in got) / len(got), g or "as the variant"))
+        cur = res[-1]
+        print(f"{v.name} ({len(rs)} images): the variant's rule: gap {cur[0]:+.3f} dB, stop at {cur[1]:.0f}")
+        for gap, st, g in sorted(res[:-1], key=lambda x: -x[0])[:a.top]:
+            print(f"    {g}: gap {gap:+.3f} dB, stop at {st:.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
