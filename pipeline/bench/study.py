@@ -116,6 +116,16 @@ CANDIDATES = [
        stop={"patience": 16, "min_steps": 500}),
     # inpainting's paper preset (lr 0.001, 11000 steps) is ten times slower than the others: its schedule at
     # the others' pace, with the inpainting rule's time scales for lr 0.01 (pipeline.stopping)
+    # the architecture's candidates alone, each on the light base d-w32 (a tenth of the paper net's cost to
+    # measure, and the base the new presets start from)
+    *[_v(f"d32-{n}", f"d-w32 with {note}", net={**_w(32, len(net.get("channels_skip", (4,) * 5))), **net},
+         stop={"patience": 4, "rel_tol": 0.7})
+      for n, note, net in (("zero", "zero padding", {"pad": "zero"}),
+                           ("nocatbn", "no BatchNorm after the concatenations", {"bn_cat": False}),
+                           ("no1x1", "no 1x1 convolution after each up block", {"need1x1_up": False}),
+                           ("nearest", "nearest upsampling", {"upsample": "nearest"}),
+                           ("in8", "input depth 8", {"input_depth": 8}),
+                           ("s4", "4 scales", {"channels_skip": (4,) * 4}))],
     _v("i-fast", "lr 0.01, 3000 steps at most", lr=0.01, steps=3000, stop={"patience": 16, "min_steps": 500}),
     _v("i-w48", "48 channels, lr 0.01, 3000 steps", lr=0.01, steps=3000, net=_w(48),
        stop={"patience": 16, "min_steps": 500}),
