@@ -43,3 +43,32 @@ def test_study_smoke_two_tiny_crops_then_resume(tmp_path, capsys):
     assert len(out.read_text().splitlines()) == len(rows)
     s = {x["variant"]: x for x in study.summarize(rows)}
     assert s["w32"]["gflop_ratio"] < 0.1 and s["w32"]["vs_paper_on"] == 2 and "d_anchor" in s["w32"]
+
+
+@pytest.mark.parametrize("preset, variant", [("denoise-lite", "d-w32x2"), ("inpaint-lite", "i-w32")])
+def test_each_light_preset_is_the_study_variant_it_came_from(preset, variant):
+    """A light preset, fitted as `dip restore` fits it (config and auto-stop rule), is exactly the study's
+    variant that was chosen on the tuning images and reported on the held-out ones (docs/efficiency.md)."""
+    from pipeline.bench.quality import SUITE_PRESETS
+    from pipeline.config import PRESETS
+    from pipeline.stopping import stop_config_for
+    suite = {"denoise": "denoise", "inpaint": "inpaint", "sr": "sr"}[PRESETS[preset].task]
+    (v,) = study.variants_for(suite, [variant])
+    base = PRESETS[SUITE_PRESETS[suite]]
+    measured = base.replace(**{k: x for k, x in v.over.items() if k != "net"},
+                            net=base.net.__class__(**{**base.net.__dict__, **v.over.get("net", {})}))
+    shipped = PRESETS[preset]
+    assert shipped.ensemble == v.k
+    for f in ("net", "lr", "steps", "reg_noise_std", "optimizer", "ema", "ema_warmup", "input_kind", "output"):
+        assert getattr(shipped, f) == getattr(measured, f), f
+    assert stop_config_for(shipped) == stop_config_for(base, **v.stop)  # the rule the study ran it with
+    (pv,) = study.variants_for(suite, [preset])  # the preset by name, as the study runs it
+    assert pv.preset == preset and pv.k == shipped.ensemble and pv.over == {"ensemble": 1}
+
+
+def test_the_cpu_default_for_denoising_is_the_light_preset():
+    from pipeline.job import JobOptions
+    cfg = JobOptions(task="denoise").config_for("cpu")
+    assert cfg.preset == "denoise-lite" and cfg.ensemble == 2
+    assert JobOptions(task="denoise", ensemble=1).config_for("cpu").ensemble == 1  # --ensemble 1: half the work
+    assert JobOptions(task="denoise").config_for("cuda").preset == "denoise"  # the paper's on a GPU

@@ -149,6 +149,9 @@ def variants_for(suite: str, names: list[str] | None, extra: dict | None = None)
             if n == ANCHORS[suite]:
                 out.append(Variant(n, note="classical anchor"))
             continue
+        if n not in pool and n in PRESETS and PRESETS[n].task == base.task:  # a preset, as `dip restore` runs it
+            p = PRESETS[n]
+            pool[n] = Variant(n, n, {"ensemble": 1}, {}, p.ensemble, f"the {n} preset")
         if n not in pool:
             raise ValueError(f"unknown variant {n!r} for {suite}; known: {', '.join(sorted(pool))}, {ANCHORS[suite]}")
         v = pool[n]
