@@ -252,7 +252,9 @@ def _fit_row(suite: str, case, v: Variant, margin: int | None, seed0: int, max_s
     if v.k == 1:
         row.update(auto_psnr=members[0]["auto_psnr"], oracle_psnr=members[0]["oracle_psnr"])
     else:
-        def mean_of(kind):
+        def mean_of(kind):  # None when a member has no such image (a fit shorter than one check)
+            if not all(imgs[k].get(kind) is not None for k in imgs):
+                return None
             a = np.mean([imgs[k][kind] for k in imgs], axis=0)
             return round(psnr(torch.from_numpy(a).permute(2, 0, 1), ref, y_border), 4)
         row.update(auto_psnr=mean_of("auto"), oracle_psnr=mean_of("oracle"))
@@ -358,7 +360,8 @@ def print_tables(rows: list[dict], file=None) -> None:
             print(f"{s['variant']:12s}{s['n']:3d}{s['psnr']:9.2f}{'':8s}{'':9s}{'':7s}{'':9s}{'':8s}"
                   f"{s['cpu_s']:8.1f}", file=file)
             continue
-        f = lambda x, spec: format(x, spec) if x is not None else "-"  # noqa: E731
+        def f(x, spec):  # a missing value as a dash in the column's width
+            return format(x, spec) if x is not None else format("-", ">" + spec.lstrip("+").split(".")[0])
         print(f"{s['variant']:12s}{s['n']:3d}{f(s['auto'], '9.2f')}{f(s['oracle'], '8.2f')}"
               f"{f(s.get('d_auto'), '+9.2f') if 'd_auto' in s else '':>9s}{f(s['steps'], '7.0f')}"
               f"{f(s['gflop'], '9.0f')}{f(s.get('gflop_ratio'), '8.3f') if 'gflop_ratio' in s else '':>8s}"
