@@ -166,7 +166,8 @@ def _add_bench(sub):
     pr.add_argument("image", metavar="IMAGE")
     pr.add_argument("--preset", default=None, help="network and schedule (default: denoise on CUDA, the light "
                                                     "CPU default on a CPU)")
-    pr.add_argument("--steps", type=int, help="steps of every fit (default: the preset's cap)")
+    pr.add_argument("--steps", type=int, help="steps of every fit (default: the preset's cap; 600 with the "
+                                                  "CPU default)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--device", default="auto", type=_device)
     pr.add_argument("--sigma", type=float, default=25.0, help="noise of the noisy target, on 0..255 (default 25)")
