@@ -61,7 +61,7 @@ def _add_restore(sub):
                         "weights_ema = the averaged generator; last = the last generator. A short fit of a "
                         "paper preset (a few hundred steps or fewer) averages in its first, blurry outputs "
                         "(the decay is 0.99: after 100 steps a third of the weight is still on them): use "
-                        "--output last there, or a light preset, which warms its average up")
+                        "--output last there")
     p.add_argument("--distill-steps", type=int, metavar="N",
                    help="with --output ema: steps (default 200, at most a tenth of the fit's) that fit the "
                         "generator to the output average, so that the saved image is the .onnx's render; "

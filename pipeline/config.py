@@ -234,6 +234,13 @@ PRESETS: dict[str, FitConfig] = {
     "denoise-lite": FitConfig(preset="denoise-lite", task="denoise",
                               net=NetConfig(channels_down=(32,) * 5, channels_up=(32,) * 5),
                               lr=0.01, steps=3000, reg_noise_std=1 / 30, ensemble=2),
+    # Ours, from the same study: super-resolution with the paper's schedule at 32 channels a scale. At x4 on
+    # 64^2 crops of Set5: +0.20 dB over `sr4` for 0.071 of its work (x2 and x8 keep their paper schedules;
+    # only x4 was measured).
+    **{f"sr{f}-lite": FitConfig(preset=f"sr{f}-lite", task="sr", scale=f,
+                                net=NetConfig(channels_down=(32,) * 5, channels_up=(32,) * 5), lr=0.01,
+                                steps=steps, reg_noise_std=reg)
+       for f, steps, reg in ((2, 2000, 0.03), (4, 2000, 0.03), (8, 4000, 0.05))},
     # Ours: small enough for a 2-core CPU (a 128x128 image in a few minutes). 4 scales of at most 64
     # channels, about 1/20 of the paper net's arithmetic.
     "fast": FitConfig(preset="fast", task="denoise",
@@ -244,12 +251,16 @@ PRESETS: dict[str, FitConfig] = {
 
 DEFAULT_PRESET = {"denoise": "denoise", "jpeg": "jpeg", "inpaint": "inpaint", "sr": "sr4"}
 # What a CPU uses when no preset is asked for: a network that works for the task and finishes in minutes.
-CPU_DEFAULT = {"denoise": "denoise-lite", "jpeg": "fast", "inpaint": "inpaint-lite", "sr": "fast"}
+CPU_DEFAULT = {"denoise": "denoise-lite", "jpeg": "fast", "inpaint": "inpaint-lite", "sr": "sr{scale}-lite"}
 
 
-def cpu_default_preset(task: str) -> str:
-    """The preset a CPU job uses for ``task`` when none is given."""
-    return CPU_DEFAULT[task]
+def cpu_default_preset(task: str, scale: int | None = None) -> str:
+    """The preset a CPU job uses for ``task`` (and an SR ``scale``, 4 when None) when none is given.
+
+    >>> cpu_default_preset("denoise"), cpu_default_preset("sr", 8)
+    ('denoise-lite', 'sr8-lite')
+    """
+    return CPU_DEFAULT[task].format(scale=scale or 4)
 
 
 def make_config(task: str = "denoise", preset: str | None = None, scale: int | None = None,

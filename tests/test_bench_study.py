@@ -45,7 +45,8 @@ def test_study_smoke_two_tiny_crops_then_resume(tmp_path, capsys):
     assert s["w32"]["gflop_ratio"] < 0.1 and s["w32"]["vs_paper_on"] == 2 and "d_anchor" in s["w32"]
 
 
-@pytest.mark.parametrize("preset, variant", [("denoise-lite", "d-w32x2"), ("inpaint-lite", "i-w32")])
+@pytest.mark.parametrize("preset, variant", [("denoise-lite", "d-w32x2"), ("inpaint-lite", "i-w32"),
+                                             ("sr4-lite", "w32")])
 def test_each_light_preset_is_the_study_variant_it_came_from(preset, variant):
     """A light preset, fitted as `dip restore` fits it (config and auto-stop rule), is exactly the study's
     variant that was chosen on the tuning images and reported on the held-out ones (docs/efficiency.md)."""
@@ -66,9 +67,12 @@ def test_each_light_preset_is_the_study_variant_it_came_from(preset, variant):
     assert pv.preset == preset and pv.k == shipped.ensemble and pv.over == {"ensemble": 1}
 
 
-def test_the_cpu_default_for_denoising_is_the_light_preset():
+def test_the_cpu_defaults_are_the_light_presets():
     from pipeline.job import JobOptions
     cfg = JobOptions(task="denoise").config_for("cpu")
     assert cfg.preset == "denoise-lite" and cfg.ensemble == 2
     assert JobOptions(task="denoise", ensemble=1).config_for("cpu").ensemble == 1  # --ensemble 1: half the work
     assert JobOptions(task="denoise").config_for("cuda").preset == "denoise"  # the paper's on a GPU
+    sr8 = JobOptions(task="sr", scale=8).config_for("cpu")
+    assert (sr8.preset, sr8.scale, sr8.steps, sr8.net.channels_down) == ("sr8-lite", 8, 4000, (32,) * 5)
+    assert JobOptions(task="sr").config_for("cpu").preset == "sr4-lite"

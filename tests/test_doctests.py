@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["pipeline.problem", "pipeline.tiling", "pipeline.operators", "pipeline.job.options"]
+MODULES = ["pipeline.problem", "pipeline.tiling", "pipeline.operators", "pipeline.job.options", "pipeline.config"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -8,7 +8,7 @@ can build too (``pipeline.api.run_job(JobOptions(...))``). It is written into th
 >>> o.max_memory_bytes == 20 * 2 ** 30
 True
 >>> o.config_for("cuda").preset, o.config_for("cpu").preset      # a CPU without --preset: the light one
-('denoise', 'fast')
+('denoise', 'denoise-lite')
 >>> JobOptions(inputs=["a.png"], out="o", tile=4).check()
 Traceback (most recent call last):
 ...
@@ -99,7 +99,7 @@ class JobOptions:
         """The FitConfig of one image on a device type: the options, overridden by its manifest row."""
         from pipeline.config import cpu_default_preset, make_config
         o = self.row_options(row)
-        preset = cpu_default_preset(o["task"]) if self.uses_cpu_default(device_type, row) else o["preset"]
+        preset = cpu_default_preset(o["task"], o["scale"]) if self.uses_cpu_default(device_type, row) else o["preset"]
         over = {"steps": o["steps"], "seed": o["seed"], "output": self.output, "precision": self.precision,
                 "distill_steps": self.distill_steps, "ensemble": self.ensemble}
         return make_config(o["task"], preset=preset, scale=o["scale"], **over)
