@@ -46,7 +46,7 @@ def test_study_smoke_two_tiny_crops_then_resume(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("preset, variant", [("denoise-lite", "d-w32ex2"), ("inpaint-lite", "i-w32"),
-                                             ("sr4-lite", "w32")])
+                                             ("sr4-lite", "s-w32")])
 def test_each_light_preset_is_the_study_variant_it_came_from(preset, variant):
     """A light preset, fitted as `dip restore` fits it (config and auto-stop rule), is exactly the study's
     variant that was chosen on the tuning images and reported on the held-out ones (docs/efficiency.md)."""
