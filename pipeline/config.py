@@ -26,7 +26,11 @@ def check_device(device: str) -> str:
 
 @dataclass(frozen=True)
 class NetConfig:
-    """The original 'skip' encoder-decoder (models/skip.py)."""
+    """The original 'skip' encoder-decoder (models/skip.py), or (``arch="decoder"``) a decoder alone in the
+    style of ConvDecoder / Deep Decoder (Heckel & Hand; Darestani & Heckel): the input z taken at
+    1/2**scales of the canvas, then per scale an upsampling x2, a ``filter_up`` convolution to
+    ``channels_up`` (coarsest scale last in the tuple), BN and the activation; no encoder, no skips
+    (``channels_down``, ``channels_skip``, ``filter_down``, ``need1x1_up`` and ``bn_cat`` are unused)."""
 
     input_depth: int = 32
     channels_down: tuple[int, ...] = (128, 128, 128, 128, 128)
@@ -43,9 +47,10 @@ class NetConfig:
     # convolution's own zero padding: no padded copy of the activations is made)
     pad: str = "reflect"
     bn_cat: bool = True  # the BatchNorm (no activation) after each scale's concatenation, as the original
+    arch: str = "skip"  # or "decoder" (above)
 
     # fields added after results were first made, at the value that means "as before" (FitConfig.identity_dict)
-    LATER_FIELDS = {"pad": "reflect", "bn_cat": True}
+    LATER_FIELDS = {"pad": "reflect", "bn_cat": True, "arch": "skip"}
 
     def __post_init__(self):
         n = len(self.channels_down)
@@ -55,6 +60,8 @@ class NetConfig:
             raise ValueError(f"upsample must be 'bilinear' or 'nearest', not {self.upsample!r}")
         if self.pad not in ("reflect", "zero"):
             raise ValueError(f"pad must be 'reflect' or 'zero', not {self.pad!r}")
+        if self.arch not in ("skip", "decoder"):
+            raise ValueError(f"arch must be 'skip' or 'decoder', not {self.arch!r}")
         for k in (self.filter_down, self.filter_up, self.filter_skip):
             if k % 2 != 1:
                 raise ValueError("filter sizes must be odd")

@@ -66,6 +66,13 @@ def build_specs(net: NetConfig, slots: int) -> list[ParamSpec]:
 
     n = net.scales
     cin = net.input_depth
+    if net.arch == "decoder":  # coarsest scale first
+        for i in reversed(range(n)):
+            conv(f"d{i}.conv", cin, net.channels_up[i], net.filter_up)
+            bn(f"d{i}.bn", net.channels_up[i])
+            cin = net.channels_up[i]
+        conv("out", cin, net.out_channels, 1)
+        return specs
     for i in range(n):
         cd, cu, cs = net.channels_down[i], net.channels_up[i], net.channels_skip[i]
         k = net.channels_up[i + 1] if i < n - 1 else cd
@@ -256,7 +263,16 @@ class SkipGenerator(nn.Module):
                 y = bn_act(conv(y, f"s{i}.up1x1"), f"s{i}.up1x1_bn")
             return y
 
-        y = conv(level(0, z), "out")
+        def decoder(x):
+            f = 2 ** net.scales
+            x = x[..., ::f, ::f]  # z at the coarsest scale: every f-th pixel keeps its distribution
+            for i in reversed(range(net.scales)):
+                x = F.interpolate(x, scale_factor=2, mode=net.upsample,
+                                  **({"align_corners": False} if net.upsample == "bilinear" else {}))
+                x = bn_act(conv(x, f"d{i}.conv"), f"d{i}.bn")
+            return x
+
+        y = conv(decoder(z) if net.arch == "decoder" else level(0, z), "out")
         y = torch.sigmoid(y.float())
         return y.view(B, net.out_channels, y.shape[-2], y.shape[-1])
 

@@ -43,6 +43,10 @@ def activation_channels(net) -> float:
     C = net.out_channels
     tot = 3 * net.input_depth + 6 * C
     cin, n = net.input_depth, net.scales
+    if net.arch == "decoder":  # per scale: the upsampled input (padded), conv, BN, act
+        for i in range(n):
+            tot += (2 * (net.channels_up[i + 1] if i < n - 1 else cin) + 3 * net.channels_up[i]) / 4 ** i
+        return tot
     for i in range(n):
         cd, cu, cs = net.channels_down[i], net.channels_up[i], net.channels_skip[i]
         k = net.channels_up[i + 1] if i < n - 1 else cd

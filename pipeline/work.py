@@ -103,9 +103,23 @@ def step_cost(net, canvas: tuple[int, int], factor: int = 1) -> StepCost:
             conv(cu, cu, 1, h, w)
             bn(cu, h, w)
 
+    def decoder(cin):
+        f = 2 ** net.scales
+        h, w = H // f, W // f
+        el[0] += 2 * cin * h * w  # z taken at the coarsest scale
+        for i in reversed(range(net.scales)):
+            el[0] += cin * h * w + 4 * cin * h * w  # upsampling
+            h, w = 2 * h, 2 * w
+            conv(cin, net.channels_up[i], net.filter_up, h, w, grad_input=i < net.scales - 1)
+            bn(net.channels_up[i], h, w)
+            cin = net.channels_up[i]
+
     D, C = net.input_depth, net.out_channels
     el[0] += 3 * D * H * W  # z + sigma * noise
-    level(0, D, H, W)
+    if net.arch == "decoder":
+        decoder(D)
+    else:
+        level(0, D, H, W)
     conv(net.channels_up[0], C, 1, H, W)
     el[0] += 2 * C * H * W  # sigmoid
     if factor > 1:  # the Lanczos2 downsampler: replication pad, then the two separable passes

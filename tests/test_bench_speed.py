@@ -29,13 +29,24 @@ def test_flop_count_by_hand_for_a_small_network():
     assert lean.flops == c.flops and lean.bytes < c.bytes and lean.params == c.params - 12
 
 
-@pytest.mark.parametrize("task,preset,scale,side", [("denoise", "fast", None, 32), ("sr", "sr4", 4, 64),
-                                                    ("inpaint", "inpaint", None, 64)])
-def test_flop_count_equals_torch_flop_counter_on_a_real_step(task, preset, scale, side):
+def test_flop_count_by_hand_for_a_tiny_decoder():
+    """The decoder (arch="decoder") on an 8x8 canvas, 2 scales: z (2 channels) taken at 2x2, up to 4x4, a
+    3x3 conv to 4 channels (its input is z: no input gradient), up to 8x8, a 3x3 conv to 4, a 1x1 to 3."""
+    net = NetConfig(input_depth=2, channels_down=(4, 4), channels_up=(4, 4), channels_skip=(0, 0), arch="decoder")
+    c = step_cost(net, (8, 8))
+    macs = {"d1 (reads z)": 2 * 4 * 9 * 4 * 4, "d0": 4 * 4 * 9 * 8 * 8, "out": 4 * 3 * 8 * 8}
+    assert c.flops == sum(2 * m * (2 if "reads z" in k else 3) for k, m in macs.items()) == 64512
+    assert c.params == (72 + 4 + 8) + (144 + 4 + 8) + 15
+
+
+@pytest.mark.parametrize("task,preset,scale,side,net", [
+    ("denoise", "fast", None, 32, {}), ("sr", "sr4", 4, 64, {}), ("inpaint", "inpaint", None, 64, {}),
+    ("denoise", "denoise", None, 64, {"arch": "decoder", "channels_up": (64,) * 5})])
+def test_flop_count_equals_torch_flop_counter_on_a_real_step(task, preset, scale, side, net):
     import numpy as np
     from torch.utils.flop_counter import FlopCounterMode
     from pipeline.engine import BatchedFitter, FitItem
-    cfg = make_config(task, preset=preset, scale=scale, net={"pad": "zero"})
+    cfg = make_config(task, preset=preset, scale=scale, net={"pad": "zero", **net})
     f = scale or 1
     fit = BatchedFitter(cfg, (side, side), 3, 1, "cpu")
     h = side // f

@@ -153,6 +153,10 @@ def test_file_holds_the_generator(rgb):
               upsample="nearest", need1x1_up=False, filter_skip=3, out_channels=3),
     NetConfig(input_depth=4, channels_down=(8, 16, 16), channels_up=(8, 16, 16), channels_skip=(4, 4, 4),
               pad="zero", bn_cat=False, out_channels=3),
+    NetConfig(input_depth=4, channels_up=(8, 16, 16), channels_down=(8, 8, 8), channels_skip=(0, 0, 0),
+              arch="decoder", out_channels=3),  # ConvDecoder style: 3x3, bilinear, reflection
+    NetConfig(input_depth=4, channels_up=(8, 8), channels_down=(8, 8), channels_skip=(0, 0), arch="decoder",
+              filter_up=1, upsample="nearest", out_channels=1),  # Deep Decoder style: 1x1
 ])
 def test_other_architectures_random_weights(net, tmp_path):
     """Nearest upsampling, no skips, 3x3 skips, no 1x1, zero padding, no BN after the concatenation: parity

@@ -128,6 +128,13 @@ CANDIDATES = [
                            ("nearest", "nearest upsampling", {"upsample": "nearest"}),
                            ("in8", "input depth 8", {"input_depth": 8}),
                            ("s4", "4 scales", {"channels_skip": (4,) * 4}))],
+    # a decoder alone (NetConfig.arch="decoder"): ConvDecoder-style (3x3 convolutions) and Deep-Decoder-style
+    # (1x1), z at 1/32 of the canvas, on the light denoising rule
+    *[_v(n, note, net={"arch": "decoder", "channels_up": (c,) * 5, "filter_up": k},
+         stop={"patience": 4, "rel_tol": 0.7})
+      for n, note, c, k in (("dec32", "a ConvDecoder-style decoder, 5 x 32 channels, 3x3", 32, 3),
+                            ("dec64", "a ConvDecoder-style decoder, 5 x 64 channels, 3x3", 64, 3),
+                            ("dd128", "a Deep-Decoder-style decoder, 5 x 128 channels, 1x1", 128, 1))],
     _v("i-fast", "lr 0.01, 3000 steps at most", lr=0.01, steps=3000, stop={"patience": 16, "min_steps": 500}),
     _v("i-w48", "48 channels, lr 0.01, 3000 steps", lr=0.01, steps=3000, net=_w(48),
        stop={"patience": 16, "min_steps": 500}),

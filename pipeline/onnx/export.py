@@ -291,9 +291,29 @@ class _GraphBuilder:
             y = self.bn_act(y, f"s{i}.up1x1_bn")
         return y, ys
 
+    def decoder(self, x, shape):
+        net = self.g.net
+        f = 2 ** net.scales
+        D, H, W = shape
+        n = self.n + 1
+        st = self.const(f"sub_start_{n}", np.array([0, 0], np.int64))
+        en = self.const(f"sub_end_{n}", np.array([H, W], np.int64))
+        ax = self.const("axes_hw", np.array([2, 3], np.int64))
+        step = self.const(f"sub_step_{n}", np.array([f, f], np.int64))
+        x = self.node("Slice", [x, st, en, ax, step])
+        xs = (D, -(-H // f), -(-W // f))
+        for i in reversed(range(net.scales)):
+            x, xs = self.upsample(x, xs)
+            x, xs = self.conv(x, xs, f"d{i}.conv")
+            x = self.bn_act(x, f"d{i}.bn")
+        return x, xs
+
     def build(self, z_shape):
         D, H, W = z_shape
-        y, ys = self.level(0, "z", (D, H, W))
+        if self.g.net.arch == "decoder":
+            y, ys = self.decoder("z", (D, H, W))
+        else:
+            y, ys = self.level(0, "z", (D, H, W))
         y, ys = self.conv(y, ys, "out")
         y = self.node("Sigmoid", [y])
         h, w = self.g.out_shape
