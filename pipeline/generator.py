@@ -190,6 +190,11 @@ class SkipGenerator(nn.Module):
         self.set_slot(s, init_slot_vector(self.specs, seed))
 
     # ---- forward --------------------------------------------------------------------------------
+    def _views(self, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each layer's parameter as a view into another flat buffer laid out like the live one."""
+        return {sp.name: weights[sp.offset:sp.offset + self.slots * sp.numel].view(
+            (self.slots * sp.shape[0],) + sp.shape[1:]) for sp in self.specs}
+
     def forward(self, z: torch.Tensor, weights: torch.Tensor | None = None, bn_stats: dict | None = None,
                 bn_frozen: dict | None = None) -> torch.Tensor:
         """``weights``: an alternative flat buffer (e.g. the averaged weights); default the live ones.
@@ -198,13 +203,7 @@ class SkipGenerator(nn.Module):
         ``bn_stats``: a dict that receives each BN layer's (mean, biased variance), per channel.
         ``bn_frozen``: such a dict; BN then uses these statistics instead (what an export renders).
         """
-        if weights is None:
-            P = self._params
-        else:
-            P = {}
-            for sp in self.specs:
-                n = self.slots * sp.numel
-                P[sp.name] = weights[sp.offset:sp.offset + n].view((self.slots * sp.shape[0],) + sp.shape[1:])
+        P = self._params if weights is None else self._views(weights)
         B = self.slots
         net = self.net
         slope = net.negative_slope

@@ -216,6 +216,19 @@ def concurrent_main(k: int, threads: int | None, args: list[str], json: str | No
     return 0
 
 
+def _show(r):  # each row as soon as it is measured, so a time box keeps what finished
+    if "error" in r:
+        print(f"{r['label']:36s} {r['error']}", flush=True)
+    else:
+        print(f"{r['label']:36s} {r['step_ms']:9.2f} {r['fit_steps_per_s']:12.1f} {r['images_per_hour']:9.0f} "
+              f"{r.get('speedup', 1.0):9.2f} {r['tflops']:8.2f} {r['peak_gib_per_fit']:8.2f}", flush=True)
+
+
+def _show_profile(pr):
+    kinds = ", ".join(f"{k} {v['ms']:.2f} ({100 * v['share']:.0f}%)" for k, v in pr["by_kind"].items())
+    print(f"    profile ({pr['what']}, ms/step {pr['ms_per_step']:.2f}): {kinds}", flush=True)
+
+
 def speed_main(device: str = "auto", size: int | None = None, batch: str | None = None, steps: int | None = None,
                preset: str | None = None, precision: str | None = None, conv: str = "auto", profile: int = 0,
                json: str | None = None, concurrent: int = 0, threads: int | None = None) -> int:
@@ -253,26 +266,15 @@ def speed_main(device: str = "auto", size: int | None = None, batch: str | None 
     print(f"{'configuration':36s} {'ms/step':>9s} {'fit-steps/s':>12s} {'images/h':>9s} {'x single':>9s} "
           f"{'TFLOP/s':>8s} {'GiB/fit':>8s}", flush=True)
 
-    def show(r):  # each row as soon as it is measured, so a time box keeps what finished
-        if "error" in r:
-            print(f"{r['label']:36s} {r['error']}", flush=True)
-        else:
-            print(f"{r['label']:36s} {r['step_ms']:9.2f} {r['fit_steps_per_s']:12.1f} {r['images_per_hour']:9.0f} "
-                  f"{r.get('speedup', 1.0):9.2f} {r['tflops']:8.2f} {r['peak_gib_per_fit']:8.2f}", flush=True)
-
-    def show_profile(pr):
-        kinds = ", ".join(f"{k} {v['ms']:.2f} ({100 * v['share']:.0f}%)" for k, v in pr["by_kind"].items())
-        print(f"    profile ({pr['what']}, ms/step {pr['ms_per_step']:.2f}): {kinds}", flush=True)
-
     plain = time_plain(base.replace(precision="tf32" if cuda else "fp32"), size, steps, dev)
     plain["label"] = "plain torch loop (the original's)"
     rows.append(plain)
-    show(plain)
+    _show(plain)
     single = time_config(base.replace(precision="tf32" if cuda else "fp32"), size, 1, steps, dev)
     single["label"] = "single fit (original-equivalent)"
     single["engine_overhead"] = round(single["step_ms"] / plain["step_ms"] - 1, 3)
     rows.append(single)
-    show(single)
+    _show(single)
     print(f"    the engine at one slot against the plain loop: {100 * single['engine_overhead']:+.1f} %", flush=True)
     for prec in precisions:
         for conv in convs:
@@ -286,14 +288,14 @@ def speed_main(device: str = "auto", size: int | None = None, batch: str | None 
                     if cuda:
                         torch.cuda.empty_cache()
                     rows.append({"label": label, "error": "out of memory"})
-                    show(rows[-1])
+                    _show(rows[-1])
                     continue
                 r["label"] = label
                 r["speedup"] = round(r["fit_steps_per_s"] / single["fit_steps_per_s"], 2)
                 rows.append(r)
-                show(r)
+                _show(r)
                 if "profile" in r:
-                    show_profile(r["profile"])
+                    _show_profile(r["profile"])
     out = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "preset": preset, "size": size,
            "steps_timed": steps, "preset_steps": base.steps,
            "work": cost.record(base.steps), "rows": rows,
