@@ -113,6 +113,8 @@ CANDIDATES = [
        ema_warmup=True),
     _v("d-w32ex2", "two fits of d-w32e, averaged", k=2, net=_w(32), stop={"patience": 4, "rel_tol": 0.7},
        ema_warmup=True),
+    _v("d-w32ex2n", "d-w32ex2 without the BatchNorm after the concatenations", k=2,
+       net={**_w(32), "bn_cat": False}, stop={"patience": 4, "rel_tol": 0.7}, ema_warmup=True),
     _v("s-w32e", "s-w32 with the average's warm-up", net=_w(32), steps=1500, ema_warmup=True),
     _v("i-w32e", "i-w32 with the average's warm-up", lr=0.01, steps=3000, net=_w(32), ema_warmup=True,
        stop={"patience": 16, "min_steps": 500}),
