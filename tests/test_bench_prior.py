@@ -39,3 +39,13 @@ def test_a_natural_image_is_fitted_first_and_noise_last(tmp_path, capsys):
     assert (out / "prior.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = capsys.readouterr().out
     assert "natural" in table and "shuffled" in table and "auto-stop chose" in table
+
+
+def test_the_cpu_default_runs_one_fit_a_target(tmp_path):
+    """With no --preset a CPU takes the light denoising preset, whose two-fit ensemble is for `dip restore`:
+    the bench fits each target once (it crashed on the ensemble when the default became denoise-lite)."""
+    img = tmp_path / "f16.png"
+    Image.open(F16).convert("RGB").crop((200, 200, 216, 216)).save(img)
+    assert main(["bench", "prior", str(img), "--steps", "20", "--device", "cpu", "--out", str(tmp_path / "p")]) == 0
+    rec = json.loads((tmp_path / "p" / "prior.json").read_text())
+    assert rec["preset"] == "denoise-lite" and rec["steps"] == 20 and rec["size"] == [16, 16]
