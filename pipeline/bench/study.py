@@ -384,7 +384,8 @@ def print_tables(rows: list[dict], file=None) -> None:
 
 
 def markdown_tables(rows: list[dict], variants: list[str] | None = None) -> str:
-    """The tables of :func:`print_tables` as Markdown (docs/efficiency.md is made from the JSONL with it)."""
+    """The tables of :func:`print_tables` as Markdown (docs/efficiency.md is made from the JSONL with it).
+    "vs paper" and "x paper" are on the images both have: "(on k)" says when that is fewer than n."""
     out, cur = [], None
     for s in summarize(rows):
         if variants and s["variant"] not in variants:
@@ -400,8 +401,9 @@ def markdown_tables(rows: list[dict], variants: list[str] | None = None) -> str:
         if "psnr" in s:
             out.append(f"| {s['variant']} | {s['n']} | {s['psnr']:.2f} | | | | | | {s['cpu_s']:.1f} | | |")
             continue
+        on = f" (on {s['vs_paper_on']})" if s.get("vs_paper_on", s["n"]) < s["n"] else ""  # fewer images
         out.append(f"| {s['variant']} | {s['n']} | {f(s['auto'], '.2f')} | {f(s['oracle'], '.2f')} | "
-                   f"{f(s.get('d_auto'), '+.2f')} | {f(s['steps'], '.0f')} | {f(s['gflop'], '.0f')} | "
+                   f"{f(s.get('d_auto'), '+.2f')}{on} | {f(s['steps'], '.0f')} | {f(s['gflop'], '.0f')} | "
                    f"{f(s.get('gflop_ratio'), '.3f')} | {f(s['cpu_s'], '.1f')} | {s['params']:,} | "
                    f"{f(s.get('d_anchor'), '+.2f')} |")
     return "\n".join(out).strip() + "\n"
