@@ -172,6 +172,9 @@ def test_rerun_skips_done_and_refuses_other_options(tmp_path, ray_session, capsy
         assert r["skipped"]["run"] == len(m3["runs"]) and r["skipped"]["options"]["steps"] == 4
         assert "exists with different options" in r["skipped"]["error"]
     assert m3["runs"][-1]["counts"]["skipped"] == 2
+    # without --preset (a CPU job begun before its default changed): the refusal names the preset it was made with
+    assert restore(src, "--out", out, "--steps", 3, *FAST[2:]) == 1
+    assert "it was made with the 'fast' preset: --preset fast goes on with it" in capsys.readouterr().err
     # --overwrite redoes them with the new options
     assert restore(src, "--out", out, "--steps", 4, "--overwrite", *FAST) == 0
     assert all(json.loads((out / f"{k}.json").read_text())["steps"] == 4 for k in m1)

@@ -107,6 +107,10 @@ def _done_before(it: Input, opts: JobOptions, manifest: JobManifest, out: Path, 
         # the record stays that of the result on disk; this run's refusal is noted beside it
         err = (f"{png}: exists with different options (input or config changed since it was made); pass "
                f"--overwrite to replace it, or use another --out")
+        made_with = old.get("preset") if isinstance(old, dict) else None
+        if made_with and made_with != (rec.get("options") or {}).get("preset"):
+            # e.g. a CPU job begun before its default preset changed (fast -> denoise-lite)
+            err += f"; it was made with the {made_with!r} preset: --preset {made_with} goes on with it"
         on_disk = prev if prev.get("hash") == old_job.get("hash") and prev.get("status") == "done" else {
             "id": it.id, "input": it.input, "status": "done", "error": None,
             **{k: old_job.get(k) for k in ("hash", "options_sha256", "input_sha256", "started", "finished",
