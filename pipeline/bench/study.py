@@ -367,7 +367,8 @@ def print_tables(rows: list[dict], file=None) -> None:
         if head != cur:
             cur = head
             sig = f", sigma {s['sigma']:g}" if s["sigma"] is not None else ""
-            print(f"\n== {s['suite']}{sig}, {s['crop']}^2 crops, {s['part']} images\n"
+            size = f"{s['crop']}^2 crops" if s["crop"] else "full size"
+            print(f"\n== {s['suite']}{sig}, {size}, {s['part']} images\n"
                   f"{'variant':12s}{'n':>3s}{'auto dB':>9s}{'oracle':>8s}{'vs paper':>9s}{'steps':>7s}{'GFLOP':>9s}"
                   f"{'x paper':>8s}{'CPU s':>8s}{'params':>10s}{'vs anchor':>10s}", file=file)
         if "psnr" in s:
@@ -394,7 +395,8 @@ def markdown_tables(rows: list[dict], variants: list[str] | None = None) -> str:
         if head != cur:
             cur = head
             sig = f", σ={s['sigma']:g}" if s["sigma"] is not None else ""
-            out += ["", f"**{s['suite']}{sig}, {s['crop']}² crops, {s['part']} images**", "",
+            size = f"{s['crop']}² crops" if s["crop"] else "full size"
+            out += ["", f"**{s['suite']}{sig}, {size}, {s['part']} images**", "",
                     "| variant | n | auto-stop dB | oracle dB | vs paper | steps | GFLOP/image | × paper | CPU s/image "
                     "| params | vs anchor |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         f = lambda x, spec: format(x, spec) if x is not None else "–"  # noqa: E731
