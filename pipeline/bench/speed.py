@@ -90,6 +90,21 @@ def profile_calls(fn, steps: int, dev) -> dict:
     }
 
 
+def _seconds_per_step(step, steps: int, warmup: int, dev) -> float:
+    """``warmup`` calls of ``step()``, then the mean wall time of ``steps`` more (the GPU synchronised)."""
+    import torch
+    for _ in range(warmup):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return (time.perf_counter() - t0) / steps
+
+
 def time_plain(cfg, size: int, steps: int, device, warmup: int = 3) -> dict:
     """One fit as the original's loop runs it: the generator (one slot), its parameters in torch.optim.Adam,
     input noise, the masked MSE, backward, the step, the output average; no divergence check, no flat
@@ -120,16 +135,7 @@ def time_plain(cfg, size: int, steps: int, device, warmup: int = 3) -> dict:
         with torch.no_grad():
             avg.mul_(cfg.ema).add_(out.detach(), alpha=1 - cfg.ema)
 
-    for _ in range(warmup):
-        step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    dt = (time.perf_counter() - t0) / steps
+    dt = _seconds_per_step(step, steps, warmup, dev)
     return {"precision": cfg.precision, "size": size, "slots": 1, "conv": "plain", "step_ms": round(dt * 1e3, 3),
             "fit_steps_per_s": round(1 / dt, 2), "images_per_hour": round(3600 / (dt * cfg.steps), 1),
             "tflops": 0.0, "peak_gib_per_fit": 0.0}
@@ -149,16 +155,7 @@ def time_config(cfg, size: int, slots: int, steps: int, device, warmup: int = 3,
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    for _ in range(warmup):
-        fit.step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fit.step()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    dt = (time.perf_counter() - t0) / steps
+    dt = _seconds_per_step(fit.step, steps, warmup, dev)
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else 0
     from pipeline.work import cost_for
     fl = cost_for(cfg, (size, size), 3).flops * slots  # forward + backward (pipeline.work)
