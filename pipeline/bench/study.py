@@ -72,8 +72,14 @@ def _w(c: int, scales: int = 5) -> dict:
 
 
 def _v(name, note, preset=None, k=1, stop=None, **over) -> Variant:
-    return Variant(name, preset, over, stop or {}, k, note)
+    return Variant(name, preset, over, dict(stop or {}), k, note)
 
+
+# The stopping rule's overrides of the light denoising nets (the rule replayed on the tuning traces: patience 4,
+# and a new minimum must fall to 30 %; pipeline.stopping ships it for denoise-lite) and of inpainting at lr 0.01
+# (the inpainting rule's time scales, not inpaint-sparse's, which are for lr 0.001).
+LIGHT_RULE = {"patience": 4, "rel_tol": 0.7}
+INPAINT_RULE = {"patience": 16, "min_steps": 500}
 
 # The candidates of issue 16, each alone against the paper preset ("paper"), then combined. Names are
 # short: they are the table's rows. Time scales of the stopping rule follow the schedule where it changes.
@@ -104,26 +110,24 @@ CANDIDATES = [
     # replayed on the tuning images' recorded traces (docs/efficiency.md) chose patience 4, and for 32
     # channels a new minimum must fall to 30 % (rel_tol 0.7)
     _v("d-w48", "48 channels, patience 4", net=_w(48), stop={"patience": 4}),
-    _v("d-w32", "32 channels, rel_tol 0.7, patience 4", net=_w(32), stop={"patience": 4, "rel_tol": 0.7}),
+    _v("d-w32", "32 channels, rel_tol 0.7, patience 4", net=_w(32), stop=LIGHT_RULE),
     _v("d-w48x2", "two fits of d-w48, averaged", k=2, net=_w(48), stop={"patience": 4}),
-    _v("d-w32x2", "two fits of d-w32, averaged", k=2, net=_w(32), stop={"patience": 4, "rel_tol": 0.7}),
-    _v("d-w32x3", "three fits of d-w32, averaged", k=3, net=_w(32), stop={"patience": 4, "rel_tol": 0.7}),
+    _v("d-w32x2", "two fits of d-w32, averaged", k=2, net=_w(32), stop=LIGHT_RULE),
+    _v("d-w32x3", "three fits of d-w32, averaged", k=3, net=_w(32), stop=LIGHT_RULE),
     _v("s-w32", "32 channels, 1500 steps", net=_w(32), steps=1500),
-    _v("d-w32e", "d-w32 with the average's warm-up", net=_w(32), stop={"patience": 4, "rel_tol": 0.7},
+    _v("d-w32e", "d-w32 with the average's warm-up", net=_w(32), stop=LIGHT_RULE,
        ema_warmup=True),
-    _v("d-w32ex2", "two fits of d-w32e, averaged", k=2, net=_w(32), stop={"patience": 4, "rel_tol": 0.7},
+    _v("d-w32ex2", "two fits of d-w32e, averaged", k=2, net=_w(32), stop=LIGHT_RULE,
        ema_warmup=True),
     _v("d-w32ex2n", "d-w32ex2 without the BatchNorm after the concatenations", k=2,
-       net={**_w(32), "bn_cat": False}, stop={"patience": 4, "rel_tol": 0.7}, ema_warmup=True),
+       net={**_w(32), "bn_cat": False}, stop=LIGHT_RULE, ema_warmup=True),
     _v("s-w32e", "s-w32 with the average's warm-up", net=_w(32), steps=1500, ema_warmup=True),
     _v("i-w32e", "i-w32 with the average's warm-up", lr=0.01, steps=3000, net=_w(32), ema_warmup=True,
-       stop={"patience": 16, "min_steps": 500}),
-    # inpainting's paper preset (lr 0.001, 11000 steps) is ten times slower than the others: its schedule at
-    # the others' pace, with the inpainting rule's time scales for lr 0.01 (pipeline.stopping)
+       stop=INPAINT_RULE),
     # the architecture's candidates alone, each on the light base d-w32 (a tenth of the paper net's cost to
     # measure, and the base the new presets start from)
     *[_v(f"d32-{n}", f"d-w32 with {note}", net={**_w(32, len(net.get("channels_skip", (4,) * 5))), **net},
-         stop={"patience": 4, "rel_tol": 0.7})
+         stop=LIGHT_RULE)
       for n, note, net in (("zero", "zero padding", {"pad": "zero"}),
                            ("nocatbn", "no BatchNorm after the concatenations", {"bn_cat": False}),
                            ("no1x1", "no 1x1 convolution after each up block", {"need1x1_up": False}),
@@ -133,18 +137,20 @@ CANDIDATES = [
     # a decoder alone (NetConfig.arch="decoder"): ConvDecoder-style (3x3 convolutions) and Deep-Decoder-style
     # (1x1), z at 1/32 of the canvas, on the light denoising rule
     *[_v(n, note, net={"arch": "decoder", "channels_up": (c,) * 5, "filter_up": k},
-         stop={"patience": 4, "rel_tol": 0.7})
+         stop=LIGHT_RULE)
       for n, note, c, k in (("dec32", "a ConvDecoder-style decoder, 5 x 32 channels, 3x3", 32, 3),
                             ("dec64", "a ConvDecoder-style decoder, 5 x 64 channels, 3x3", 64, 3),
                             ("dd128", "a Deep-Decoder-style decoder, 5 x 128 channels, 1x1", 128, 1))],
-    _v("i-fast", "lr 0.01, 3000 steps at most", lr=0.01, steps=3000, stop={"patience": 16, "min_steps": 500}),
+    # inpainting's paper preset (lr 0.001, 11000 steps) is ten times slower than the others: its schedule at
+    # the others' pace, with the inpainting rule's time scales for lr 0.01 (pipeline.stopping)
+    _v("i-fast", "lr 0.01, 3000 steps at most", lr=0.01, steps=3000, stop=INPAINT_RULE),
     _v("i-w48", "48 channels, lr 0.01, 3000 steps", lr=0.01, steps=3000, net=_w(48),
-       stop={"patience": 16, "min_steps": 500}),
+       stop=INPAINT_RULE),
     _v("i-w32", "32 channels, lr 0.01, 3000 steps", lr=0.01, steps=3000, net=_w(32),
-       stop={"patience": 16, "min_steps": 500}),
+       stop=INPAINT_RULE),
     # i-w32 was still improving at its 3000-step cap on two of the four tuning crops (boat, house)
     _v("i-w32l", "32 channels, lr 0.01, 6000 steps", lr=0.01, steps=6000, net=_w(32),
-       stop={"patience": 16, "min_steps": 500}),
+       stop=INPAINT_RULE),
 ]
 
 
