@@ -202,6 +202,7 @@ class FitConfig:
 
 
 _F16_NET = NetConfig()  # get_net(32, 'skip', skip_n33d=128, skip_n33u=128, skip_n11=4, num_scales=5, bilinear)
+_LIGHT_NET = NetConfig(channels_down=(32,) * 5, channels_up=(32,) * 5)  # ours: the same net at 32 channels
 
 PRESETS: dict[str, FitConfig] = {
     # denoising.ipynb, F16: 3000 steps, lr 0.01, reg noise 1/30.
@@ -232,7 +233,7 @@ PRESETS: dict[str, FitConfig] = {
     # hole in a dark 48x48 image came out at 97/255 against 15 around it); 5 scales of 32 channels reach
     # across it (hole MAE 0.5/255), with the inpainting rule's time scales for lr 0.01.
     "inpaint-lite": FitConfig(preset="inpaint-lite", task="inpaint",
-                              net=NetConfig(channels_down=(32,) * 5, channels_up=(32,) * 5),
+                              net=_LIGHT_NET,
                               lr=0.01, steps=3000, reg_noise_std=0.03),
     # Ours, from the efficiency study (docs/efficiency.md; chosen on its tuning images, reported on the
     # others): the paper's network at 32 channels a scale (1/15 of its parameters), two fits from two seeds
@@ -240,14 +241,14 @@ PRESETS: dict[str, FitConfig] = {
     # time scales (pipeline.stopping). On the 4 tuning 64^2 crops of the authors' sigma=25 images: +0.68 dB
     # over the `denoise` preset for 0.082 of its work (without the warm-up: +0.05 dB more for 0.113).
     "denoise-lite": FitConfig(preset="denoise-lite", task="denoise",
-                              net=NetConfig(channels_down=(32,) * 5, channels_up=(32,) * 5),
+                              net=_LIGHT_NET,
                               lr=0.01, steps=3000, reg_noise_std=1 / 30, ensemble=2, ema_warmup=True),
     # Ours, from the same study: super-resolution at 32 channels a scale, 1500 steps. At x4 on the 2 tuning
     # 64^2 crops of Set5: +0.10 dB over `sr4` for 0.053 of its work (2000 steps: +0.20 for 0.071; within
     # 0.1 dB, so the cheaper). x2 takes x4's settings, as the paper's presets do; x8 keeps the paper's x8
     # schedule (4000 steps, reg 0.05): only x4 was measured.
     **{f"sr{f}-lite": FitConfig(preset=f"sr{f}-lite", task="sr", scale=f,
-                                net=NetConfig(channels_down=(32,) * 5, channels_up=(32,) * 5), lr=0.01,
+                                net=_LIGHT_NET, lr=0.01,
                                 steps=steps, reg_noise_std=reg)
        for f, steps, reg in ((2, 1500, 0.03), (4, 1500, 0.03), (8, 4000, 0.05))},
     # Ours: small enough for a 2-core CPU (a 128x128 image in a few minutes). 4 scales of at most 64

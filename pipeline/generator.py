@@ -244,15 +244,17 @@ class SkipGenerator(nn.Module):
             ca, cb = a.shape[1] // B, b.shape[1] // B
             return torch.cat([a.view(1, B, ca, h, w), b.view(1, B, cb, h, w)], 2).view(1, B * (ca + cb), h, w)
 
+        def up(x):
+            if net.upsample == "bilinear":
+                return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+
         def level(i, x):
             d = bn_act(conv(x, f"s{i}.down", stride=2), f"s{i}.down_bn")
             d = bn_act(conv(d, f"s{i}.down2"), f"s{i}.down2_bn")
             if i < net.scales - 1:
                 d = level(i + 1, d)
-            if net.upsample == "bilinear":
-                d = F.interpolate(d, scale_factor=2, mode="bilinear", align_corners=False)
-            else:
-                d = F.interpolate(d, scale_factor=2, mode="nearest")
+            d = up(d)
             if net.channels_skip[i]:
                 s = bn_act(conv(x, f"s{i}.skip"), f"s{i}.skip_bn")
                 d = concat(s, d)
@@ -266,9 +268,7 @@ class SkipGenerator(nn.Module):
             f = 2 ** net.scales
             x = x[..., ::f, ::f]  # z at the coarsest scale: every f-th pixel keeps its distribution
             for i in reversed(range(net.scales)):
-                x = F.interpolate(x, scale_factor=2, mode=net.upsample,
-                                  **({"align_corners": False} if net.upsample == "bilinear" else {}))
-                x = bn_act(conv(x, f"d{i}.conv"), f"d{i}.bn")
+                x = bn_act(conv(up(x), f"d{i}.conv"), f"d{i}.bn")
             return x
 
         y = conv(decoder(z) if net.arch == "decoder" else level(0, z), "out")
