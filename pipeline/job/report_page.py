@@ -88,26 +88,31 @@ def _crop_boxes(in_size, out_size):
     return ob, ib
 
 
-def _views(row: dict) -> dict:
-    """Data URIs: input thumbnail, input and output centre crops; and the display sizes."""
+def _thumb_uri(img, size) -> str:
+    """``img`` fitted into ``size`` (only ever made smaller than the original), as a data URI."""
     from PIL import Image
+    t = img.copy()
+    if t.width > size[0] or t.height > size[1]:
+        t.thumbnail(size, Image.LANCZOS)
+    return _small_uri(t)
+
+
+def _views(row: dict) -> dict:
+    """Data URIs: input (and reference) thumbnail, input, output (and reference) centre crops; and the
+    display sizes."""
     res = {"in_full": None, "in_crop": None, "out_crop": None, "size": None, "crop_size": None, "ref_full": None,
            "ref_crop": None}
     inp = _load8(row["input"]) if row["input"] and os.path.isfile(row["input"]) else None
     outp = _load8(row["output"]) if row["output"] else None
-    ref0 = outp or inp
-    if ref0 is None:
+    shown = outp or inp  # what sets the display size
+    if shown is None:
         return res
-    w, h = ref0.size
+    w, h = shown.size
     scale = min(THUMB / max(w, h), float(ZOOM))
     res["size"] = (max(1, round(w * scale)), max(1, round(h * scale)))
     res["pixelated"] = scale > 1
     if inp is not None:
-        t = inp.copy()
-        tw, th = res["size"]
-        if t.width > tw or t.height > th:  # a thumbnail: only ever smaller than the original
-            t.thumbnail((tw, th), Image.LANCZOS)
-        res["in_full"] = _small_uri(t)
+        res["in_full"] = _thumb_uri(inp, res["size"])
     if outp is not None:
         ob, ib = _crop_boxes(inp.size if inp is not None else outp.size, outp.size)
         res["out_crop"] = _data_uri(outp.crop(ob))
@@ -120,12 +125,8 @@ def _views(row: dict) -> dict:
         res["crop_size"] = ((ob[2] - ob[0]) * ZOOM, (ob[3] - ob[1]) * ZOOM)
     refp = row.get("reference")
     ref = _load8(refp) if refp and os.path.isfile(refp) else None
-    if ref is not None and ref.size == ref0.size:  # the reference is the output's size
-        t = ref.copy()
-        tw, th = res["size"]
-        if t.width > tw or t.height > th:
-            t.thumbnail((tw, th), Image.LANCZOS)
-        res["ref_full"] = _small_uri(t)
+    if ref is not None and ref.size == shown.size:  # the reference is the output's size
+        res["ref_full"] = _thumb_uri(ref, res["size"])
         ob, _ = _crop_boxes(ref.size, ref.size)
         res["ref_crop"] = _data_uri(ref.crop(ob))
     return res
