@@ -43,6 +43,13 @@ def write_png(path: Path, size=(24, 24), channels: int = 3, seed: int = 0) -> Pa
     return path
 
 
+def write_pngs(folder: Path, ids, size=(24, 24)) -> Path:
+    """``folder/<id>.png`` for each id, the i-th from seed i (write_png); returns ``folder``."""
+    for i, k in enumerate(ids):
+        write_png(folder / f"{k}.png", size=size, seed=i)
+    return folder
+
+
 @pytest.fixture
 def make_png():
     return write_png

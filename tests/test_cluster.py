@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import REPO, clean_env, dip_cmd, write_png
+from conftest import REPO, clean_env, dip_cmd, write_pngs
 from pipeline.job.manifest import MANIFEST_NAME
 
 RAY = shutil.which("ray") or str(Path(os.sys.executable).with_name("ray"))
@@ -130,10 +130,8 @@ def _wait_nodes(env, port, n, proc, timeout=180):
 
 
 def test_two_node_cluster_job_submit(cluster, tmp_path):
-    src = tmp_path / "in"
     ids = [f"s{i}" for i in range(6)]
-    for i, k in enumerate(ids):
-        write_png(src / f"{k}.png", size=(24, 24), seed=i)
+    src = write_pngs(tmp_path / "in", ids, size=(24, 24))
     out = tmp_path / "out"
     # without the token the cluster refuses the job API: authentication is on
     no_token = {k: v for k, v in cluster["env"].items() if k != "RAY_AUTH_TOKEN"}
@@ -177,10 +175,8 @@ def _wait_fitting(out: Path, ids, p: subprocess.Popen, timeout=300) -> None:
 
 def _interrupt_runs(tmp_path, ways) -> None:
     """Run the same job once per way of stopping it, each stopped while it fits; then once to the end."""
-    src = tmp_path / "in"
     ids = [f"g{i}" for i in range(6)]
-    for i, k in enumerate(ids):
-        write_png(src / f"{k}.png", size=(24, 24), seed=i)
+    src = write_pngs(tmp_path / "in", ids, size=(24, 24))
     out = tmp_path / "out"
     cmd = dip_cmd("restore", src, "--out", out, "--steps", 400, "--preset", "fast", "--device", "cpu",
                   "--no-export-onnx", "--quiet")

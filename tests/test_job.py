@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.cli import main as cli_main
 from pipeline.job.manifest import MANIFEST_NAME, UsageError, discover, safe_rel
 
-from conftest import write_png
+from conftest import write_png, write_pngs
 
 FAST = ["--preset", "fast", "--device", "cpu", "--no-export-onnx", "--quiet"]
 
@@ -234,10 +234,8 @@ def _kill_a_worker(ray, when, first: float = 0.0):
 
 
 def test_killed_worker_is_replaced_and_job_completes(tmp_path, ray_session):
-    src = tmp_path / "in"
     ids = [f"k{i}" for i in range(4)]
-    for i, k in enumerate(ids):
-        write_png(src / f"{k}.png", size=(32, 32), seed=i)
+    src = write_pngs(tmp_path / "in", ids, size=(32, 32))
     out = tmp_path / "out"
 
     def ready():
@@ -433,10 +431,8 @@ def test_an_actor_gets_a_new_call_once_a_calls_worth_of_its_images_is_done():
 def test_a_killed_worker_charges_only_the_image_it_was_fitting(tmp_path, ray_session):
     """kill -9 of the actor while it fits one image and holds the others in its queue: only that image is
     charged a failed try (it once charged all six); the queued ones go back uncharged, and all finish."""
-    src = tmp_path / "in"
     ids = [f"q{i}" for i in range(6)]
-    for i, k in enumerate(ids):
-        write_png(src / f"{k}.png", size=(24, 24), seed=i)
+    src = write_pngs(tmp_path / "in", ids, size=(24, 24))
     out = tmp_path / "out"
 
     def fitting():  # once an image of the run is being fitted (the actor said so)
