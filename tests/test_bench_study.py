@@ -51,13 +51,12 @@ def test_each_light_preset_is_the_study_variant_it_came_from(preset, variant):
     """A light preset, fitted as `dip restore` fits it (config and auto-stop rule), is exactly the study's
     variant that was chosen on the tuning images and reported on the held-out ones (docs/efficiency.md)."""
     from pipeline.bench.quality import SUITE_PRESETS
-    from pipeline.config import PRESETS
+    from pipeline.config import PRESETS, make_config
     from pipeline.stopping import stop_config_for
-    suite = {"denoise": "denoise", "inpaint": "inpaint", "sr": "sr"}[PRESETS[preset].task]
+    suite = PRESETS[preset].task  # the suites are named after their tasks
     (v,) = study.variants_for(suite, [variant])
     base = PRESETS[SUITE_PRESETS[suite]]
-    measured = base.replace(**{k: x for k, x in v.over.items() if k != "net"},
-                            net=base.net.__class__(**{**base.net.__dict__, **v.over.get("net", {})}))
+    measured = make_config(suite, preset=base.preset, scale=base.scale, **v.over)  # as the study's fit makes it
     shipped = PRESETS[preset]
     assert shipped.ensemble == v.k
     for f in ("net", "lr", "steps", "reg_noise_std", "optimizer", "ema", "ema_warmup", "input_kind", "output"):
