@@ -71,7 +71,9 @@ def _add_restore(sub):
                         "on denoising crops for twice the work); exported as K models + <stem>.tiles.json")
     p.add_argument("--tile", type=int, metavar="SIZE",
                    help="fit images with a side above SIZE pixels as overlapping tiles (SR: low-res pixels); "
-                        "default: only images whose whole fit would not fit in memory")
+                        "default: the preset's (denoise-lite: 64, the size its stopping rule was set at), "
+                        "else only images whose whole fit would not fit in memory. A SIZE above the image "
+                        "fits it whole")
     p.add_argument("--tile-overlap", type=int, metavar="PX", help="overlap between tiles (default SIZE/8)")
     p.add_argument("--max-memory", type=float, metavar="GIB",
                    help="memory budget for the fits (GiB; default 80%% of the free GPU memory): larger images "

@@ -130,6 +130,12 @@ class FitConfig:
     # average is not dominated by its first, blurry outputs (0.99 ** 100 = 0.37 of the weight is still on
     # the first 100 steps after 100 steps); False: the constant ema, as the original.
     ema_warmup: bool = False
+    # Images with a side above ``tile`` input pixels are fitted as overlapping tiles of that side
+    # (pipeline.tiling), each tile its own fit with its own stop; 0 = whole images (tiles only when memory
+    # asks for them). A preset whose schedule and stopping rule were set at one size keeps every fit near
+    # it: the light net stops a 256^2 or 512^2 fit long before it has fitted the image
+    # (docs/efficiency.md). The job's --tile overrides it.
+    tile: int = 0
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -158,6 +164,8 @@ class FitConfig:
             raise ValueError(f"optimizer must be 'adam' or 'radam', not {self.optimizer!r}")
         if self.lr_warmup < 0 or self.lr_decay_every < 0 or not 0.0 < self.lr_decay <= 1.0:
             raise ValueError("lr_warmup and lr_decay_every must be >= 0 and lr_decay in (0, 1]")
+        if self.tile and self.tile < 8:
+            raise ValueError(f"tile must be 0 (whole images) or at least 8 pixels a side, not {self.tile}")
 
     @property
     def factor(self) -> int:
@@ -176,7 +184,7 @@ class FitConfig:
     # Fields added after results were first made, with the value that means "as before": the job's hash
     # of a config leaves them out at that value, so a rerun after an upgrade still skips what is done.
     LATER_FIELDS = {"ensemble": 1, "optimizer": "adam", "lr_warmup": 0, "lr_decay": 1.0, "lr_decay_every": 0,
-                    "ema_warmup": False}
+                    "ema_warmup": False, "tile": 0}
 
     def identity_dict(self) -> dict:
         """:meth:`to_dict` less the later fields (also the network's) at their neutral value: what the job
@@ -240,9 +248,13 @@ PRESETS: dict[str, FitConfig] = {
     # averaged, each with the output average's warm-up and stopped by the denoising rule on the light net's
     # time scales (pipeline.stopping). On the 4 tuning 64^2 crops of the authors' sigma=25 images: +0.68 dB
     # over the `denoise` preset for 0.082 of its work (without the warm-up: +0.05 dB more for 0.113).
+    # Larger images are fitted as 64^2 tiles, the size it was chosen at: whole, the rule stopped 256^2 crops
+    # of two tuning images 4.3-5.1 dB below their 64^2 tiles' 27.11 and 30.80 dB (128^2 tiles: 25.69 on
+    # baboon), and a whole 512^2 baboon under its noisy input (docs/efficiency.md, "Image size").
     "denoise-lite": FitConfig(preset="denoise-lite", task="denoise",
                               net=_LIGHT_NET,
-                              lr=0.01, steps=3000, reg_noise_std=1 / 30, ensemble=2, ema_warmup=True),
+                              lr=0.01, steps=3000, reg_noise_std=1 / 30, ensemble=2, ema_warmup=True,
+                              tile=64),
     # Ours, from the same study: super-resolution at 32 channels a scale, 1500 steps. At x4 on the 2 tuning
     # 64^2 crops of Set5: +0.10 dB over `sr4` for 0.053 of its work (2000 steps: +0.20 for 0.071; within
     # 0.1 dB, so the cheaper). x2 takes x4's settings, as the paper's presets do; x8 keeps the paper's x8

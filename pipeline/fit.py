@@ -5,7 +5,7 @@
         result.save(out)          # one PNG + one JSON per *image* (the JSON carries the tile layout)
 
 Each source problem becomes its *units*: itself (a whole-image fit), or its tiles (pipeline.tiling.split:
-when a side is above ``tile``, or its whole fit is estimated above the memory budget, pipeline.memory),
+when a side is above ``tile``, the caller's or else the config's ``FitConfig.tile``, or its whole fit is estimated above the memory budget, pipeline.memory),
 or its ensemble members (``FitConfig.ensemble`` K: the whole image K times, from K seeds, as one box
 of tiles). All units go through one :func:`pipeline.batching.fit_problems`, so the tiles of one big image
 fill a batch by themselves, and each image is merged (pipeline.tiling.Merger) and yielded as soon as its
@@ -101,7 +101,8 @@ def fit_tiled(problems, device="auto", slots: int | None = None, tile: int | Non
               ) -> Iterator[tuple[Problem, Result | Exception]]:
     """Fit problems, tiling those that need it; yields (original problem, Result | Exception) per image.
 
-    ``tile``: tile side in input pixels (images with a longer side are tiled). ``max_memory``: a byte
+    ``tile``: tile side in input pixels (images with a longer side are tiled; default: each problem's
+    ``cfg.tile``, where a preset sets one). ``max_memory``: a byte
     budget for the fits on the device: images whose whole fit is estimated above it are tiled, and every
     bucket's slot count is ``min(slots, budget // per-fit estimate)``. With neither, ``auto`` tiles only
     images whose whole fit is above the automatic budget (CUDA: 80% of the free memory). A failed tile
@@ -165,14 +166,17 @@ class _Tiler(Feed):
     def expand(self, p: Problem, forced: int | None = None) -> list:
         """The units of one image: itself, or its tiles (a Ready when it fails or is all copied)."""
         try:
+            tile = self.tile or p.cfg.tile  # the caller's --tile, else the preset's
             if forced is None:
-                if not (self.tile or self.budget or self.auto) or not needs_tiling(
-                        p, self.tile, self.budget, self.dev, self.policy):
-                    if p.cfg.ensemble == 1:
+                if not (tile or self.budget or self.auto) or not needs_tiling(
+                        p, tile, self.budget, self.dev, self.policy):
+                    if p.cfg.ensemble == 1 and not (p.cfg.tile and max(p.image.shape) > p.cfg.tile):
                         return [p]
-                    t = max(p.image.shape)  # an ensemble of the whole image: one box, its members
+                    # one box, the whole image: an ensemble's members, or an image under the caller's tile
+                    # that its preset would have cut (the box's fit is whole)
+                    t = max(p.image.shape)
                 else:
-                    t = self.tile or choose_tile(p, self.budget, self.dev)
+                    t = tile or choose_tile(p, self.budget, self.dev)
             else:
                 t = forced
             if self.budget:

@@ -238,7 +238,7 @@ def split(problem: Problem, tile: int, overlap: int | None = None) -> tuple[list
     layout = Layout(problem=problem, tile=int(tile), overlap=overlap, tiles=tiles, seeds=seeds)
     out: list[Problem] = []
     img = problem.image
-    cfg = problem.cfg.replace(ensemble=1)  # each tile problem is one fit
+    cfg = problem.cfg.replace(ensemble=1, tile=0)  # each tile problem is one fit, of its box as it is
     for t in tiles:
         y0, x0, y1, x1 = t.box
         m = None

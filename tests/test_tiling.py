@@ -431,3 +431,26 @@ def test_an_ensemble_of_a_tiled_image_fits_every_tile_k_times():
     # members share a box and its weights, so the merge of exact crops is still exact
     r = merge(lay, fake_results(lay, tps, smooth(40, 56)))
     np.testing.assert_allclose(r.image.pixels, smooth(40, 56), atol=1 / 255 + 1e-6)
+
+
+def test_a_config_tile_fits_larger_images_as_tiles_and_smaller_ones_whole():
+    from pipeline.api import fit_problems, restore
+    big = make_problem(smooth(24, 40), preset="fast", steps=3, net=TINY, tile=16, name="big")
+    small = make_problem(smooth(16, 16), preset="fast", steps=3, net=TINY, tile=16, name="small")
+    got = {q.name: r for q, r in fit_tiled([big, small], device="cpu", auto=False)}
+    assert isinstance(got["big"], TiledResult) and type(got["small"]) is Result
+    lay = got["big"].extra["tiling"]
+    assert lay["tile"] == 16 and len(lay["tiles"]) == len(plan_tiles(24, 40, 16, 4)) > 1
+    assert got["big"].image.shape == (24, 40)
+    # the caller's tile wins over the config's, and is not refused for being larger than it
+    (_q, r), = list(fit_tiled([big], device="cpu", tile=24, auto=False))
+    assert r.extra["tiling"]["tile"] == 24
+    (_q, whole), = list(fit_tiled([big], device="cpu", tile=64, auto=False))  # above the image: one box
+    assert [t["box"] for t in whole.extra["tiling"]["tiles"]] == [[0, 0, 24, 40]]
+    # restore() cuts it as the job does; fit_problems refuses to fit it whole rather than ignore the tile
+    assert isinstance(restore(smooth(24, 40), preset="fast", steps=3, net=TINY, tile=16, device="cpu"),
+                      TiledResult)
+    (_q, err), = list(fit_problems([big], device="cpu"))
+    assert isinstance(err, ValueError) and "as tiles" in str(err)
+    with pytest.raises(ValueError, match="tile must be 0"):
+        make_problem(smooth(16, 16), preset="fast", tile=4)

@@ -107,7 +107,7 @@ def run_prior(img: np.ndarray, preset: str | None = None, steps: int | None = No
     if preset is None and dev.type != "cuda":  # the CPU's light preset, for about a minute
         preset, steps = cpu_default_preset("denoise"), steps or CPU_STEPS
     preset = preset or "denoise"
-    cfg = make_config("denoise", preset=preset, steps=steps, seed=seed, distill_steps=0, ensemble=1)  # one fit a target
+    cfg = make_config("denoise", preset=preset, steps=steps, seed=seed, distill_steps=0, ensemble=1, tile=0)  # one fit a target
     targets = make_targets(img, sigma / 255.0, seed)
     items = []
     for i, k in enumerate(TARGETS):  # the same seed for all: the same z, the same initial weights
