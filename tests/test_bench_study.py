@@ -62,6 +62,7 @@ def test_each_light_preset_is_the_study_variant_it_came_from(preset, variant):
     for f in ("net", "lr", "steps", "reg_noise_std", "optimizer", "ema", "ema_warmup", "input_kind", "output"):
         assert getattr(shipped, f) == getattr(measured, f), f
     assert stop_config_for(shipped) == stop_config_for(base, **v.stop)  # the rule the study ran it with
+    assert shipped.tile in (0, 64)  # a tiling preset cuts at the study's crop size, so each fit is as measured
     (pv,) = study.variants_for(suite, [preset])  # the preset by name, as the study runs it
     assert pv.preset == preset and pv.k == shipped.ensemble and pv.over == {"ensemble": 1}
 
@@ -75,3 +76,29 @@ def test_the_cpu_defaults_are_the_light_presets():
     sr8 = JobOptions(task="sr", scale=8).config_for("cpu")
     assert (sr8.preset, sr8.scale, sr8.steps, sr8.net.channels_down) == ("sr8-lite", 8, 4000, (32,) * 5)
     assert JobOptions(task="sr").config_for("cpu").preset == "sr4-lite"
+
+
+def test_a_tiling_preset_on_a_larger_crop_is_fitted_as_the_product_fits_it():
+    """A variant whose config tiles (FitConfig.tile) and a crop larger than the tile: the row comes from
+    pipeline.fit.fit_tiled (every tile and member its own fit), with its work and no oracle."""
+    from pipeline.bench.quality import load_cases, paper_dir
+    (case,) = load_cases("denoise", paper_dir(None), crop=40, only=["F16"])
+    tiny = {"input_depth": 8, "channels_down": (8, 16, 32, 32), "channels_up": (8, 16, 32, 32)}
+    v = study.Variant("t", "fast", {"tile": 24, "net": tiny, "steps": 3}, k=2)
+    assert study._tiles_of("denoise", case, v) == 24
+    assert study._tiles_of("denoise", case, study.Variant("w", "fast", {"tile": 64})) == 0  # fits in one tile
+    row = study._tiled_row("denoise", case, v, seed0=0)
+    assert row["tile"] == 24 and row["fits"] == 2 * 4 == len(row["unit_steps"])  # 2x2 tiles, 2 members
+    assert row["oracle_psnr"] is None and 5 < row["auto_psnr"] < 40
+    assert row["gflop"] == pytest.approx(row["gflop_per_step"] * row["steps"], rel=1e-3) and row["cpu_s"] > 0
+    # a full-size row goes beside the paper's published numbers for its image
+    full = {"suite": "denoise", "sigma": None, "crop": 0, "variant": "t", "image": "F16", "part": "tune", **row}
+    md = study.markdown_tables([full])
+    assert "| F16 | " in md and "| 33.69 | 32.67 |" in md and "the paper's CBM3D" in md and "mean of 1" in md
+
+
+def test_a_variant_of_one_task_s_preset_is_not_run_on_another_suite():
+    assert "dl-whole" in {v.name for v in study.variants_for("denoise", None)}
+    assert "dl-whole" not in {v.name for v in study.variants_for("sr", None)}
+    with pytest.raises(ValueError, match="not for sr"):
+        study.variants_for("sr", ["dl-whole"])

@@ -141,6 +141,11 @@ CANDIDATES = [
       for n, note, c, k in (("dec32", "a ConvDecoder-style decoder, 5 x 32 channels, 3x3", 32, 3),
                             ("dec64", "a ConvDecoder-style decoder, 5 x 64 channels, 3x3", 64, 3),
                             ("dd128", "a Deep-Decoder-style decoder, 5 x 128 channels, 1x1", 128, 1))],
+    # the image size: denoise-lite fits images above 64^2 as 64^2 tiles (FitConfig.tile); against it, the
+    # same preset fitted whole, and as 128^2 tiles (measured at 256^2 and 512^2: docs/efficiency.md)
+    _v("dl-whole", "denoise-lite fitted whole, not as 64^2 tiles", preset="denoise-lite", k=2, ensemble=1,
+       tile=0),
+    _v("dl-t128", "denoise-lite as 128^2 tiles", preset="denoise-lite", k=2, ensemble=1, tile=128),
     # inpainting's paper preset (lr 0.001, 11000 steps) is ten times slower than the others: its schedule at
     # the others' pace, with the inpainting rule's time scales for lr 0.01 (pipeline.stopping)
     _v("i-fast", "lr 0.01, 3000 steps at most", lr=0.01, steps=3000, stop=INPAINT_RULE),
@@ -175,6 +180,10 @@ def variants_for(suite: str, names: list[str] | None, extra: dict | None = None)
         if n not in pool:
             raise ValueError(f"unknown variant {n!r} for {suite}; known: {', '.join(sorted(pool))}, {ANCHORS[suite]}")
         v = pool[n]
+        if v.preset and PRESETS[v.preset].task != base.task:  # a variant of another task's preset
+            if names:
+                raise ValueError(f"variant {n!r} is of the {v.preset} preset, not for {suite}")
+            continue
         if "lr" in v.over and v.over["lr"] is None:
             v = Variant(v.name, v.preset, {**v.over, "lr": 2 * base.lr}, v.stop, v.k, v.note)
         out.append(v)
@@ -281,6 +290,38 @@ def _fit_row(suite: str, case, v: Variant, margin: int | None, seed0: int, max_s
     return row
 
 
+def _tiles_of(suite: str, case, v: Variant) -> int:
+    """The tile side the variant's preset fits ``case`` with (0: the whole image, the study's own fit)."""
+    from pipeline.config import PRESETS
+    from pipeline.bench.quality import SUITE_PRESETS
+    t = PRESETS[v.preset or SUITE_PRESETS[suite]].replace(**{k: x for k, x in v.over.items() if k == "tile"}).tile
+    return t if t and max(case.image.shape[:2]) > t else 0
+
+
+def _tiled_row(suite: str, case, v: Variant, seed0: int) -> dict:
+    """Fit ``case`` as the product does when the variant's preset tiles it (FitConfig.tile): through
+    pipeline.fit.fit_tiled, every tile and member its own fit and stop, the distillation run. Only the
+    auto-stopped PSNR: there is no oracle step (each tile has its own), so ``oracle_psnr`` is None."""
+    import torch
+    from pipeline.bench.quality import _problems, _ref_tensor, psnr
+    from pipeline.fit import fit_tiled
+    over = {k: x for k, x in v.over.items() if k != "ensemble"}  # the preset's own K members, as tiles
+    (p,) = _problems(suite, [case], v.preset, False, None, seed0, {**over, "ensemble": v.k})
+    t0 = time.process_time()
+    for _q, r in fit_tiled([p], device="cpu", slots=1, auto=False):
+        if isinstance(r, Exception):
+            raise r
+    cpu = time.process_time() - t0
+    w = r.extra["work"]
+    unit_steps = sorted(int(t["steps"]) for t in r.extra["tiling"]["tiles"] if "steps" in t)
+    out = torch.from_numpy(r.image.pixels).permute(2, 0, 1)
+    return {"params": w["params"], "gflop_per_step": w["gflop_per_step"], "k": v.k, "steps": w["steps"],
+            "gflop": w["gflop"], "cpu_s": round(cpu, 2), "tile": p.cfg.tile, "fits": w.get("fits"),
+            "unit_steps": unit_steps, "auto_psnr": round(psnr(out, _ref_tensor(case.reference),
+                                                          4 if suite == "sr" else None), 4),
+            "oracle_psnr": None}
+
+
 # ---- the run --------------------------------------------------------------------------------------------
 def run(suites, part: str, names, crop: int, out: Path, sigma: float | None = None, margin: int | None = 1000,
         seed: int = 0, data=None, max_steps: int | None = None, images: list[str] | None = None) -> int:
@@ -305,6 +346,8 @@ def run(suites, part: str, names, crop: int, out: Path, sigma: float | None = No
                 try:
                     if v.name == ANCHORS[suite]:
                         row.update(_anchor_row(suite, c, sigma))
+                    elif _tiles_of(suite, c, v):
+                        row.update(_tiled_row(suite, c, v, seed))
                     else:
                         row.update(_fit_row(suite, c, v, margin, seed, max_steps))
                 except Exception as e:  # noqa: BLE001 - one bad row must not end a study of hours
@@ -414,7 +457,45 @@ def markdown_tables(rows: list[dict], variants: list[str] | None = None) -> str:
                    f"{f(s.get('d_auto'), '+.2f')}{on} | {f(s['steps'], '.0f')} | {f(s['gflop'], '.0f')} | "
                    f"{f(s.get('gflop_ratio'), '.3f')} | {f(s['cpu_s'], '.1f')} | {s['params']:,} | "
                    f"{f(s.get('d_anchor'), '+.2f')} |")
+    full = [r for r in rows if not r["crop"] and "auto_psnr" in r and (not variants or r["variant"] in variants)]
+    if full:
+        out += ["", published_table(full)]
     return "\n".join(out).strip() + "\n"
+
+
+def published_table(rows: list[dict]) -> str:
+    """Full-size rows image by image beside the paper's published numbers for the same image (its DIP
+    and its classical baseline, pipeline.bench.cases.PAPER), with the means over the images listed."""
+    from pipeline.bench.cases import BASELINE_NAME, PAPER
+    out = []
+    for (suite, var), rs in sorted(_group(rows, ("suite", "variant")).items()):
+        rs = sorted((r for r in rs if r["image"] in PAPER.get(suite, {})), key=lambda r: r["image"])
+        if not rs:
+            continue
+        base = BASELINE_NAME.get(suite, "baseline")
+        base = base if base == "bicubic" else base.upper()
+        out += [f"**{suite}, full size, `{var}` image by image, beside the paper's published numbers**", "",
+                f"| image | {var} dB | the paper's DIP dB | the paper's {base} dB | GFLOP | CPU s |",
+                "|---|---|---|---|---|---|"]
+        for r in rs:
+            dip, cls = PAPER[suite][r["image"]]
+            out.append(f"| {r['image']} | {r['auto_psnr']:.2f} | {dip:.2f} | {cls:.2f} | {r['gflop']:.0f} | "
+                       f"{r['cpu_s']:.0f} |")
+        m = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        out.append(f"| mean of {len(rs)} | {m([r['auto_psnr'] for r in rs]):.2f} | "
+                   f"{m([PAPER[suite][r['image']][0] for r in rs]):.2f} | "
+                   f"{m([PAPER[suite][r['image']][1] for r in rs]):.2f} | {m([r['gflop'] for r in rs]):.0f} | "
+                   f"{m([r['cpu_s'] for r in rs]):.0f} |")
+        out.append("")
+    return "\n".join(out).strip()
+
+
+def _group(rows: list[dict], keys: tuple) -> dict:
+    from collections import defaultdict
+    by = defaultdict(list)
+    for r in rows:
+        by[tuple(r[k] for k in keys)].append(r)
+    return by
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
