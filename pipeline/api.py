@@ -27,7 +27,7 @@ def restore(image, task: str = "denoise", *, mask=None, reference=None, preset: 
     """Restore one image. ``image``: a path, an ImageData, or an array. Returns a :class:`Result`."""
     p = make_problem(image, task=task, mask=mask, reference=reference, preset=preset, scale=scale,
                      seed=seed, steps=steps, **overrides)
-    if p.cfg.ensemble > 1 or p.cfg.tile:  # members and tiles: fitted as the boxes of one image, merged
+    if p.cfg.ensemble > 1 or p.cfg.cuts(*p.image.shape):  # members and tiles: boxes of one image, merged
         fits = fit_tiled([p], device=device, slots=p.cfg.ensemble, auto=False, keep_weights=keep_weights,
                          use_kernels=use_kernels)
     else:

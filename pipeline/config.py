@@ -167,6 +167,10 @@ class FitConfig:
         if self.tile and self.tile < 8:
             raise ValueError(f"tile must be 0 (whole images) or at least 8 pixels a side, not {self.tile}")
 
+    def cuts(self, h: int, w: int) -> bool:
+        """Whether an h x w input (input pixels) is fitted as tiles of this config's own ``tile``."""
+        return bool(self.tile) and max(h, w) > self.tile
+
     @property
     def factor(self) -> int:
         """The data term's downsampling factor: the SR scale, 1 for every other task."""

@@ -5,7 +5,8 @@
         result.save(out)          # one PNG + one JSON per *image* (the JSON carries the tile layout)
 
 Each source problem becomes its *units*: itself (a whole-image fit), or its tiles (pipeline.tiling.split:
-when a side is above ``tile``, the caller's or else the config's ``FitConfig.tile``, or its whole fit is estimated above the memory budget, pipeline.memory),
+when a side is above ``tile``, the caller's or else the config's ``FitConfig.tile``, or its whole fit
+is estimated above the memory budget, pipeline.memory),
 or its ensemble members (``FitConfig.ensemble`` K: the whole image K times, from K seeds, as one box
 of tiles). All units go through one :func:`pipeline.batching.fit_problems`, so the tiles of one big image
 fill a batch by themselves, and each image is merged (pipeline.tiling.Merger) and yielded as soon as its
@@ -170,7 +171,7 @@ class _Tiler(Feed):
             if forced is None:
                 if not (tile or self.budget or self.auto) or not needs_tiling(
                         p, tile, self.budget, self.dev, self.policy):
-                    if p.cfg.ensemble == 1 and not (p.cfg.tile and max(p.image.shape) > p.cfg.tile):
+                    if p.cfg.ensemble == 1 and not p.cfg.cuts(*p.image.shape):
                         return [p]
                     # one box, the whole image: an ensemble's members, or an image under the caller's tile
                     # that its preset would have cut (the box's fit is whole)

@@ -146,7 +146,7 @@ def to_fit_item(p: Problem, key=None, with_reference: bool = False, canvas: tupl
     if p.cfg.ensemble > 1:
         raise ValueError(f"{p.source or p.name}: an ensemble of {p.cfg.ensemble} fits is fitted through "
                          "pipeline.fit.fit_tiled (or restore), which splits it into its members")
-    if p.cfg.tile and max(p.image.shape) > p.cfg.tile:
+    if p.cfg.cuts(*p.image.shape):
         raise ValueError(f"{p.source or p.name}: its preset fits images larger than {p.cfg.tile} px as tiles, "
                          "through pipeline.fit.fit_tiled (or restore), which cuts them")
     f = p.factor

@@ -294,8 +294,8 @@ def _tiles_of(suite: str, case, v: Variant) -> int:
     """The tile side the variant's preset fits ``case`` with (0: the whole image, the study's own fit)."""
     from pipeline.config import PRESETS
     from pipeline.bench.quality import SUITE_PRESETS
-    t = PRESETS[v.preset or SUITE_PRESETS[suite]].replace(**{k: x for k, x in v.over.items() if k == "tile"}).tile
-    return t if t and max(case.image.shape[:2]) > t else 0
+    cfg = PRESETS[v.preset or SUITE_PRESETS[suite]].replace(**{k: x for k, x in v.over.items() if k == "tile"})
+    return cfg.tile if cfg.cuts(*case.image.shape[:2]) else 0
 
 
 def _tiled_row(suite: str, case, v: Variant, seed0: int) -> dict:
@@ -481,7 +481,7 @@ def published_table(rows: list[dict]) -> str:
             dip, cls = PAPER[suite][r["image"]]
             out.append(f"| {r['image']} | {r['auto_psnr']:.2f} | {dip:.2f} | {cls:.2f} | {r['gflop']:.0f} | "
                        f"{r['cpu_s']:.0f} |")
-        m = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        m = lambda xs: sum(xs) / len(xs)  # noqa: E731 - not _mean: it rounds before the format does
         out.append(f"| mean of {len(rs)} | {m([r['auto_psnr'] for r in rs]):.2f} | "
                    f"{m([PAPER[suite][r['image']][0] for r in rs]):.2f} | "
                    f"{m([PAPER[suite][r['image']][1] for r in rs]):.2f} | {m([r['gflop'] for r in rs]):.0f} | "
