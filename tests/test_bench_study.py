@@ -46,7 +46,7 @@ def test_study_smoke_two_tiny_crops_then_resume(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("preset, variant", [("denoise-lite", "d-w32ex2"), ("inpaint-lite", "i-w32"),
-                                             ("sr4-lite", "s-w32")])
+                                             ("sr4-lite", "l-w32x2")])
 def test_each_light_preset_is_the_study_variant_it_came_from(preset, variant):
     """A light preset, fitted as `dip restore` fits it (config and auto-stop rule), is exactly the study's
     variant that was chosen on the tuning images and reported on the held-out ones (docs/efficiency.md)."""
@@ -74,7 +74,8 @@ def test_the_cpu_defaults_are_the_light_presets():
     assert JobOptions(task="denoise", ensemble=1).config_for("cpu").ensemble == 1  # --ensemble 1: half the work
     assert JobOptions(task="denoise").config_for("cuda").preset == "denoise"  # the paper's on a GPU
     sr8 = JobOptions(task="sr", scale=8).config_for("cpu")
-    assert (sr8.preset, sr8.scale, sr8.steps, sr8.net.channels_down) == ("sr8-lite", 8, 4000, (32,) * 5)
+    assert (sr8.preset, sr8.scale, sr8.steps, sr8.net.channels_down, sr8.ensemble) == ("sr8-lite", 8, 4000,
+                                                                                     (32,) * 5, 2)
     assert JobOptions(task="sr").config_for("cpu").preset == "sr4-lite"
 
 

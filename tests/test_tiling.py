@@ -423,6 +423,20 @@ def test_an_ensemble_is_the_mean_of_its_members_and_renders_as_one_image(tmp_pat
         make_problem(img, preset="fast", ensemble=0)
 
 
+def test_the_light_sr_preset_restores_as_the_mean_of_two_upscaled_fits():
+    """sr4-lite is an ensemble of two fits (docs/efficiency.md): restore() fits the low-res image twice,
+    each member's box scaled by the factor, and returns the upscaled mean with both members' work."""
+    from pipeline.api import restore
+    from pipeline.config import PRESETS
+    assert PRESETS["sr4-lite"].ensemble == 2
+    lr = smooth(8, 12)
+    r = restore(lr, task="sr", preset="sr4-lite", scale=4, steps=4, seed=3, device="cpu")
+    assert r.image.shape == (32, 48)
+    lay = r.extra["tiling"]
+    assert lay["ensemble"] == 2 and [t["member"] for t in lay["tiles"]] == [0, 1]
+    assert r.extra["work"]["fits"] == 2 and r.extra["work"]["steps"] >= 2 * 4
+
+
 def test_an_ensemble_of_a_tiled_image_fits_every_tile_k_times():
     p = make_problem(smooth(40, 56), preset="fast", steps=3, net=TINY, ensemble=2, name="big")
     tps, lay = split(p, 32, 8)

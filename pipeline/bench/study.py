@@ -156,6 +156,15 @@ CANDIDATES = [
     # i-w32 was still improving at its 3000-step cap on two of the four tuning crops (boat, house)
     _v("i-w32l", "32 channels, lr 0.01, 6000 steps", lr=0.01, steps=6000, net=_w(32),
        stop=INPAINT_RULE),
+    # SR and inpainting lost 0.26 and 0.47 dB held out with one light fit (stop 25); two fits averaged
+    # gained 0.46 dB for denoising (docs/stopping.md), and the SR fits were still improving at their cap
+    _v("s-w32x2", "two fits of s-w32, averaged", k=2, net=_w(32), steps=1500),
+    _v("l-w32", "32 channels, 3000 steps", net=_w(32), steps=3000),
+    _v("w32x3", "three fits of 32 channels, averaged", k=3, net=_w(32)),
+    _v("l-w32x2", "two fits of l-w32, averaged", k=2, net=_w(32), steps=3000),
+    _v("i-w32x2", "two fits of i-w32, averaged", k=2, lr=0.01, steps=3000, net=_w(32),
+       stop=INPAINT_RULE),
+    _v("d-w32ex4", "four fits of d-w32e, averaged", k=4, net=_w(32), stop=LIGHT_RULE, ema_warmup=True),
 ]
 
 
