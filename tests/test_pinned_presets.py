@@ -43,19 +43,20 @@ def _image(h: int, w: int, channels: int = 3) -> np.ndarray:
 
 def fit_preset(name: str) -> dict:
     import torch
-    from pipeline.api import restore
-    from pipeline.config import PRESETS
     torch.set_num_threads(2)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # machine-independent: see the module's docstring
     try:
-        return _fit(name, PRESETS[name], restore)
+        return _fit(name)
     finally:
         torch.set_default_dtype(default)
 
 
-def _fit(name: str, cfg, restore) -> dict:
+def _fit(name: str) -> dict:
     """The 4-step fit of one preset, summarised."""
+    from pipeline.api import restore
+    from pipeline.config import PRESETS
+    cfg = PRESETS[name]
     kw = {}
     if cfg.task == "sr":
         side = 64 // cfg.scale if cfg.scale > 2 else 48
