@@ -172,6 +172,17 @@ CANDIDATES = [
     # net's (31.31, step 3800): width, not the schedule's length
     _v("i-w48l", "48 channels, lr 0.01, 6000 steps", lr=0.01, steps=6000, net=_w(48),
        stop=INPAINT_RULE),
+    # stop 28: on the tuning traces of i-w32l and i-w48l the PSNR flattens or falls a little after step
+    # 3000-4000 at lr 0.01 (barbara, boat, peppers256; house still rises): the step size is one lever, the
+    # width another (64 channels is 0.26x the paper's work a step, inside the bound at 6000 steps)
+    _v("i-w32ld", "i-w32l with lr x0.5 every 1500 steps", lr=0.01, steps=6000, net=_w(32),
+       lr_decay=0.5, lr_decay_every=1500, stop=INPAINT_RULE),
+    _v("i-w64l", "64 channels, lr 0.01, 6000 steps", lr=0.01, steps=6000, net=_w(64),
+       stop=INPAINT_RULE),
+    # the paper's schedule is lr 0.001 for 11000 steps: a smaller step than the light fits' 0.01, for longer
+    # (the rule's time scales x2, between the light fits' and inpaint-sparse's)
+    _v("i-w32s", "32 channels, lr 0.003, 12000 steps", lr=0.003, steps=12000, net=_w(32),
+       stop={"patience": 32, "min_steps": 1500}),
 ]
 
 
