@@ -183,6 +183,13 @@ CANDIDATES = [
     # (the rule's time scales x2, between the light fits' and inpaint-sparse's)
     _v("i-w32s", "32 channels, lr 0.003, 12000 steps", lr=0.003, steps=12000, net=_w(32),
        stop={"patience": 32, "min_steps": 1500}),
+    # an average of K fits takes out much of each member's noise, so a member may stop later than a single
+    # fit's best step (the light rule was replayed for single fits): the image at the variance minimum
+    # (lag 0, not one check before it), and a new minimum that need only halve the last (rel_tol 0.5)
+    _v("d-w32ex4l0", "d-w32ex4, each member's image at its minimum (lag 0)", k=4, net=_w(32),
+       stop={**LIGHT_RULE, "lag": 0}, ema_warmup=True),
+    _v("d-w32ex4r5", "d-w32ex4 with rel_tol 0.5", k=4, net=_w(32), stop={**LIGHT_RULE, "rel_tol": 0.5},
+       ema_warmup=True),
 ]
 
 
