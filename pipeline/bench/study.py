@@ -190,6 +190,8 @@ CANDIDATES = [
        stop={**LIGHT_RULE, "lag": 0}, ema_warmup=True),
     _v("d-w32ex4r5", "d-w32ex4 with rel_tol 0.5", k=4, net=_w(32), stop={**LIGHT_RULE, "rel_tol": 0.5},
        ema_warmup=True),
+    # what `--preset denoise-lite --ensemble 2` fits since stop 28: two members, lag 0
+    _v("d-w32ex2l0", "d-w32ex2 with lag 0", k=2, net=_w(32), stop={**LIGHT_RULE, "lag": 0}, ema_warmup=True),
 ]
 
 
