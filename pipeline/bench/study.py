@@ -80,6 +80,8 @@ def _v(name, note, preset=None, k=1, stop=None, **over) -> Variant:
 # (the inpainting rule's time scales, not inpaint-sparse's, which are for lr 0.001).
 LIGHT_RULE = {"patience": 4, "rel_tol": 0.7}
 INPAINT_RULE = {"patience": 16, "min_steps": 500}
+# denoise-lite's rule since stop 28 (four fits averaged): the light rule, each member's image at its minimum
+ENSEMBLE_RULE = {**LIGHT_RULE, "lag": 0}
 
 # The candidates of issue 16, each alone against the paper preset ("paper"), then combined. Names are
 # short: they are the table's rows. Time scales of the stopping rule follow the schedule where it changes.
@@ -187,11 +189,11 @@ CANDIDATES = [
     # fit's best step (the light rule was replayed for single fits): the image at the variance minimum
     # (lag 0, not one check before it), and a new minimum that need only halve the last (rel_tol 0.5)
     _v("d-w32ex4l0", "d-w32ex4, each member's image at its minimum (lag 0)", k=4, net=_w(32),
-       stop={**LIGHT_RULE, "lag": 0}, ema_warmup=True),
+       stop=ENSEMBLE_RULE, ema_warmup=True),
     _v("d-w32ex4r5", "d-w32ex4 with rel_tol 0.5", k=4, net=_w(32), stop={**LIGHT_RULE, "rel_tol": 0.5},
        ema_warmup=True),
     # what `--preset denoise-lite --ensemble 2` fits since stop 28: two members, lag 0
-    _v("d-w32ex2l0", "d-w32ex2 with lag 0", k=2, net=_w(32), stop={**LIGHT_RULE, "lag": 0}, ema_warmup=True),
+    _v("d-w32ex2l0", "d-w32ex2 with lag 0", k=2, net=_w(32), stop=ENSEMBLE_RULE, ema_warmup=True),
 ]
 
 
