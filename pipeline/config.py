@@ -136,6 +136,12 @@ class FitConfig:
     # it: the light net stops a 256^2 or 512^2 fit long before it has fitted the image
     # (docs/efficiency.md). The job's --tile overrides it.
     tile: int = 0
+    # Self-validation: this fraction of the known measurements (drawn from the fit's seed, so every
+    # ensemble member and tile holds back its own) is left out of the data term, and the fit stops where
+    # their error stops falling (pipeline.stopping.HoldoutStopper) instead of by the variance rule; 0 =
+    # off. For the tasks measured on the image's own grid (denoise, jpeg, inpaint); made for inpainting,
+    # where the held-back pixels are noise-free and scattered like the holes (docs/efficiency.md).
+    holdout: float = 0.0
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -166,6 +172,10 @@ class FitConfig:
             raise ValueError("lr_warmup and lr_decay_every must be >= 0 and lr_decay in (0, 1]")
         if self.tile and self.tile < 8:
             raise ValueError(f"tile must be 0 (whole images) or at least 8 pixels a side, not {self.tile}")
+        if not 0.0 <= self.holdout <= 0.5:
+            raise ValueError(f"holdout must be a fraction of the known pixels in [0, 0.5], not {self.holdout}")
+        if self.holdout and self.task == "sr":
+            raise ValueError("holdout (self-validation) is for tasks measured on the output grid, not super-resolution")
 
     def cuts(self, h: int, w: int) -> bool:
         """Whether an h x w input (input pixels) is fitted as tiles of this config's own ``tile``."""
@@ -188,7 +198,7 @@ class FitConfig:
     # Fields added after results were first made, with the value that means "as before": the job's hash
     # of a config leaves them out at that value, so a rerun after an upgrade still skips what is done.
     LATER_FIELDS = {"ensemble": 1, "optimizer": "adam", "lr_warmup": 0, "lr_decay": 1.0, "lr_decay_every": 0,
-                    "ema_warmup": False, "tile": 0}
+                    "ema_warmup": False, "tile": 0, "holdout": 0.0}
 
     def identity_dict(self) -> dict:
         """:meth:`to_dict` less the later fields (also the network's) at their neutral value: what the job

@@ -60,6 +60,9 @@ class FitItem:
     reference: np.ndarray | None = None
     ref_mask: np.ndarray | None = None  # (1, H, W): where the reference counts (the un-padded region)
     steps: int | None = None  # per-item step budget (default: the config's)
+    # (1, h, w): the known measurements held back from the data term (FitConfig.holdout), which the
+    # stopper checks the rendered image against (their values are in ``target``); None = none
+    val_mask: np.ndarray | None = None
 
 
 @dataclass

@@ -158,8 +158,14 @@ def to_fit_item(p: Problem, key=None, with_reference: bool = False, canvas: tupl
     target = _pad(target, hc, wc).transpose(2, 0, 1)
     mask = np.zeros((1, hc, wc), np.float32)
     mask[0, :h, :w] = known
+    val_mask = None
+    if p.cfg.holdout:
+        held = holdout_pixels(known, p.cfg.holdout, p.seed)
+        val_mask = np.zeros_like(mask)
+        val_mask[0, :h, :w] = held
+        mask[0, :h, :w] -= held  # left out of the data term; the target keeps their values for the check
     item = FitItem(key=key if key is not None else p.name, target=np.ascontiguousarray(target, dtype=np.float32),
-                   mask=mask, seed=p.seed)
+                   mask=mask, seed=p.seed, val_mask=val_mask)
     if with_reference and p.reference is not None:
         Hh, Ww = p.out_shape
         item.reference = np.ascontiguousarray(_pad(p.reference.pixels, H, W).transpose(2, 0, 1), dtype=np.float32)
@@ -167,6 +173,26 @@ def to_fit_item(p: Problem, key=None, with_reference: bool = False, canvas: tupl
         rm[0, :Hh, :Ww] = 1
         item.ref_mask = rm
     return item
+
+
+def holdout_pixels(known: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """(h, w) float32, 1 on ``round(fraction * known pixels)`` of the known pixels (at least 1), drawn from
+    ``seed``: the measurements a self-validating fit leaves out of its data term (FitConfig.holdout). At
+    least one known pixel stays in the data term.
+
+    >>> m = holdout_pixels(np.ones((10, 10), np.float32), 0.05, seed=0)
+    >>> int(m.sum()), bool((holdout_pixels(np.ones((10, 10)), 0.05, 0) == m).all())
+    (5, True)
+    >>> int((m * holdout_pixels(np.ones((10, 10)), 0.05, 1)).sum()) < 5   # another seed, other pixels
+    True
+    """
+    idx = np.flatnonzero(np.asarray(known) > 0.5)
+    n = min(max(1, round(fraction * idx.size)), idx.size - 1)
+    out = np.zeros(np.asarray(known).shape, np.float32)
+    if n > 0:
+        rng = np.random.default_rng([int(seed), 0x686F6C64])  # "hold": apart from the fit's other draws
+        out.flat[rng.choice(idx, size=n, replace=False)] = 1.0
+    return out
 
 
 @dataclass

@@ -304,6 +304,82 @@ class WMVStopper:
         return out
 
 
+class HoldoutStopper:
+    """Self-validation: one slot's stop on the error of the measurements its fit holds back.
+
+    A fit with ``FitConfig.holdout`` leaves some known measurements out of its data term
+    (pipeline.problem.holdout_pixels); the FitItem carries them as ``val_mask`` (their values are in its
+    ``target``). At every check the rendered image's mean squared error on them,
+
+        VAL_t = sum(V * (x_t - y)^2) / (C * sum(V)),
+
+    is what the fit would score on pixels it has not seen. For inpainting with scattered holes those
+    pixels are a sample of the same kind as the holes, and noise-free, so VAL follows the error in the
+    holes: it falls while the image is learnt and rises once the fit starts to draw detail that is not
+    there. The rule is ES-WMV's on VAL instead of the variance (``patience``, ``min_steps``,
+    ``rel_tol`` of the StopConfig; ``window``, ``lag`` and the discrepancy fallback do not apply): stop
+    once VAL has not reached a new minimum for ``patience`` checks, and return the image at the minimum.
+    The interface is :class:`WMVStopper`'s.
+    """
+
+    rule_name = "holdout"
+
+    def __init__(self, config: StopConfig, target, val_mask):
+        self.config = config
+        self._y = torch.as_tensor(np.asarray(target, np.float32))
+        self._v = torch.as_tensor(np.asarray(val_mask, np.float32))
+        self.held = int(self._v.sum())
+        if self.held < 1:
+            raise ValueError("a holdout stopper needs at least one held-back measurement")
+        self._rule = _Rule(config.replace(smooth=1))
+        self.trace: list[tuple[int, float]] = []  # [(step, VAL)]
+        self.best_image: torch.Tensor | None = None
+        self.fallback_image = None  # the interface of WMVStopper: no fallback
+        self.fallback_step = None
+        self.last_mean = None
+        self.last_step = 0
+        self.reason = "running"
+
+    best_step = property(lambda self: self._rule.best_step)
+    min_step = best_step
+    stopped_at = property(lambda self: self._rule.stopped_at)
+    best_val = property(lambda self: self._rule.best_var)
+
+    @torch.no_grad()
+    def update(self, step: int, image: torch.Tensor, loss_hist: torch.Tensor | None = None) -> bool:
+        """Feed the image rendered at ``step``; True = stop now (``best_image`` is the result)."""
+        if self.stopped_at is not None:
+            return True
+        if self._y.device != image.device:
+            self._y, self._v = self._y.to(image.device), self._v.to(image.device)
+        self.last_step = int(step)
+        x = image.detach().float()
+        val = float(((x - self._y) ** 2 * self._v).sum() / (self.held * x.shape[0]))  # one host sync
+        self.trace.append((self.last_step, val))
+        new_best, stop = self._rule.feed(self.last_step, val)
+        if new_best:
+            self.best_image = x.clone()
+        if stop:
+            self.reason = "auto"
+        return stop
+
+    def result_image(self) -> torch.Tensor | None:
+        """The image the fit returns: the one at the VAL minimum if the rule fired, else None (the last)."""
+        return self.best_image if self.stopped_at is not None else None
+
+    @property
+    def result_from(self) -> str:
+        return "holdout" if self.stopped_at is not None else "last"
+
+    def summary(self) -> dict:
+        bv = self.best_val
+        return {"rule": "holdout", "reason": self.reason if self.stopped_at is not None else "not triggered",
+                "chosen_step": self.best_step, "min_step": self.min_step, "stopped_at": self.stopped_at,
+                "last_step": self.last_step, "held_out": self.held,
+                "best_val": float(f"{bv:.6g}") if math.isfinite(bv) else None, "result_from": self.result_from,
+                "config": self.config.to_dict(), "trace": [[int(s), float(f"{v:.6g}")] for s, v in self.trace]}
+
+
 # Defaults, in checks of ``check_every`` = 50 steps (docs/stopping.md has the measurements).
 #
 # Noise tasks (denoise, jpeg): the rendered (weights-EMA) output moves fast while the image is being
@@ -382,9 +458,12 @@ def sigma_of_item(item) -> float | None:
     return estimate_sigma(np.moveaxis(t, 0, -1))
 
 
-def stopper_for_item(config: StopConfig, item=None) -> WMVStopper:
-    """A fresh WMVStopper for one FitItem: with ``config.discrepancy``, the fallback's noise level is
-    estimated from the item's degraded image."""
+def stopper_for_item(config: StopConfig, item=None) -> WMVStopper | HoldoutStopper:
+    """A fresh stopper for one FitItem: a :class:`HoldoutStopper` when the item holds measurements back
+    (``val_mask``, FitConfig.holdout), else a WMVStopper; with ``config.discrepancy``, the latter's
+    fallback noise level is estimated from the item's degraded image."""
+    if item is not None and getattr(item, "val_mask", None) is not None:
+        return HoldoutStopper(config, item.target, item.val_mask)
     sigma = None
     if config.discrepancy and item is not None and getattr(item, "target", None) is not None:
         sigma = sigma_of_item(item)

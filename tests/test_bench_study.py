@@ -61,10 +61,14 @@ def test_each_light_preset_is_the_study_variant_it_came_from(preset, variant):
     assert shipped.ensemble == v.k
     for f in ("net", "lr", "steps", "reg_noise_std", "optimizer", "ema", "ema_warmup", "input_kind", "output"):
         assert getattr(shipped, f) == getattr(measured, f), f
-    assert stop_config_for(shipped) == stop_config_for(base, **v.stop)  # the rule the study ran it with
+    if shipped.auto_stop:
+        assert stop_config_for(shipped) == stop_config_for(base, **v.stop)  # the rule the study ran it with
+    else:  # fixed steps: the study ran it with a rule that never fires
+        assert v.stop == study.TO_THE_CAP
     assert shipped.tile in (0, 64)  # a tiling preset cuts at the study's crop size, so each fit is as measured
     (pv,) = study.variants_for(suite, [preset])  # the preset by name, as the study runs it
     assert pv.preset == preset and pv.k == shipped.ensemble and pv.over == {"ensemble": 1}
+    assert pv.stop == ({} if shipped.auto_stop else study.TO_THE_CAP)
 
 
 def test_the_cpu_defaults_are_the_light_presets():
@@ -103,3 +107,27 @@ def test_a_variant_of_one_task_s_preset_is_not_run_on_another_suite():
     assert "dl-whole" not in {v.name for v in study.variants_for("sr", None)}
     with pytest.raises(ValueError, match="not for sr"):
         study.variants_for("sr", ["dl-whole"])
+
+
+def test_ensemble_members_are_reused_from_the_cache_and_flipped_members_see_flipped_images(tmp_path):
+    """With --cache, a member fitted before with everything the same (here the first two members of an
+    ensemble of 3, after one of 2) is read back, not refitted, and the ensemble's score is the same as
+    fitted fresh; a flipped variant's member k sees the image in orientation k and is flipped back."""
+    import numpy as np
+    from pipeline.bench.cases import load_cases, paper_dir
+    (case,) = load_cases("inpaint", paper_dir(None), crop=32, only=["barbara"])
+    k2 = study.Variant("x2", over={"net": study._w(16), "lr": 0.01, "steps": 60}, k=2)
+    k3 = study.Variant("x3", over=k2.over, k=3)
+    cache = tmp_path / "cache"
+    a = study._fit_row("inpaint", case, k2, 0, 0, cache=cache)
+    b = study._fit_row("inpaint", case, k3, 0, 0, cache=cache)
+    assert [m.get("cached", False) for m in b["members"]] == [True, True, False]
+    assert b["members"][:2] == [{**m, "cached": True} for m in a["members"]]
+    fresh = study._fit_row("inpaint", case, k3, 0, 0)  # no cache: all three fitted again, the same score
+    assert fresh["auto_psnr"] == b["auto_psnr"] and not any(m.get("cached") for m in fresh["members"])
+    assert len(list(cache.glob("*.npz"))) == 3
+    img = np.arange(2 * 3 * 1).reshape(2, 3, 1)
+    assert [study._flipped(img, k)[0, 0, 0] for k in range(4)] == [0, 2, 3, 5]
+    assert all((study._flipped(study._flipped(img, k), k) == img).all() for k in range(4))
+    flip = study.Variant("f", over=k2.over, k=2, flip=True)
+    assert study._member_key("inpaint", case, flip, 1, 0, 1, None) != study._member_key("inpaint", case, k2, 1, 0, 1, None)

@@ -367,3 +367,78 @@ def test_the_bench_stopper_keeps_the_images_it_scored():
     assert torch.equal(kept["oracle"], imgs[list(ts).index(s["oracle_step"])])
     assert s["oracle_step"] == int(ts[int(np.argmin(errs))])
     assert "_images" not in EvalStopper(cfg, item).summary()
+
+
+# ---- self-validation (FitConfig.holdout) ------------------------------------------------------------------
+def test_holdout_leaves_its_pixels_out_of_the_data_term_and_each_seed_holds_back_others():
+    from pipeline.api import make_problem
+    from pipeline.problem import to_fit_item
+    rng = np.random.default_rng(0)
+    img = rng.random((40, 48, 3)).astype(np.float32)
+    mask = (rng.random((40, 48)) > 0.5).astype(np.float32)
+    items = [to_fit_item(make_problem(img, task="inpaint", mask=mask, preset="inpaint-lite", holdout=0.1, seed=s))
+             for s in (0, 1)]
+    plain = to_fit_item(make_problem(img, task="inpaint", mask=mask, preset="inpaint-lite", seed=0))
+    assert plain.val_mask is None
+    known = int(mask.sum())
+    for it in items:
+        v, m = it.val_mask[0], it.mask[0]
+        assert int(v.sum()) == round(0.1 * known)
+        assert not (v * m).any()  # a held-back pixel is not in the data term
+        assert ((v + m) == plain.mask[0]).all()  # and together they are the known pixels, nothing else
+        assert (it.target == plain.target).all()  # the target keeps their values, for the check
+        assert (v[:40, :48] <= mask).all()  # only known pixels are held back (never the canvas padding)
+    assert (items[0].val_mask != items[1].val_mask).any()
+    with pytest.raises(ValueError, match="super-resolution"):
+        make_config("sr", holdout=0.05)
+    with pytest.raises(ValueError, match="holdout"):
+        make_config("inpaint", holdout=0.8)
+    cfg = make_config("inpaint", preset="inpaint-lite")
+    assert "holdout" not in cfg.identity_dict()  # results made before it still count as done
+    assert cfg.replace(holdout=0.05).identity_dict()["holdout"] == 0.05
+
+
+def test_holdout_stopper_stops_where_the_held_back_error_is_lowest():
+    from pipeline.stopping import HoldoutStopper, stopper_for_item
+    g = torch.Generator().manual_seed(0)
+    clean = torch.rand(3, 16, 16, generator=g)
+    val = np.zeros((1, 16, 16), np.float32)
+    val[0, ::4, ::4] = 1
+    cfg = StopConfig(window=4, patience=5, min_steps=100, check_every=CHECK, rel_tol=0.0)
+    item = FitItem(key="v", target=clean.numpy(), mask=1 - val, val_mask=val)
+    st = stopper_for_item(cfg, item)
+    assert isinstance(st, HoldoutStopper) and st.held == 16
+    d = torch.randn(3, 16, 16, generator=g)
+    best = 1000
+    stopped = None
+    for t in range(CHECK, 4001, CHECK):  # the error on the held-back pixels is U-shaped around step 1000
+        x = clean + 0.01 * (1 + abs(math.log2(t / best))) * d
+        if st.update(t, x):
+            stopped = t
+            break
+    assert st.best_step == best and stopped == best + 5 * CHECK
+    assert torch.allclose(st.result_image(), clean + 0.01 * d)
+    s = st.summary()
+    assert s["rule"] == "holdout" and s["chosen_step"] == best and s["stopped_at"] == stopped
+    assert s["result_from"] == "holdout" and s["held_out"] == 16 and len(s["trace"]) == stopped // CHECK
+    assert isinstance(stopper_for_item(cfg, FitItem(key="p", target=clean.numpy(), mask=np.ones_like(val))),
+                      WMVStopper)
+
+
+def test_a_self_validating_inpainting_fit_stops_on_its_held_back_pixels():
+    """A real fit: the engine's stopper for a problem with holdout is the held-out rule, it ends the fit,
+    and the saved image is the one at its chosen step (the PSNR trace has that step)."""
+    from pipeline.api import make_problem
+    from pipeline.batching import fit_problems
+    gt = np.random.default_rng(1).random((32, 32, 3)).astype(np.float32) * 0.2 + 0.4
+    mask = (np.random.default_rng(2).random((32, 32)) > 0.5).astype(np.float32)
+    p = make_problem(gt * mask[:, :, None], task="inpaint", mask=mask, preset="inpaint-lite", steps=400,
+                     holdout=0.1, reference=gt, distill_steps=0, seed=3)
+    p.cfg = p.cfg.replace(auto_stop=True)
+    factory = make_stopper_factory(p.cfg, patience=2, min_steps=50)
+    ((_, r),) = list(fit_problems([p], device="cpu", slots=1, stopper_factory=factory, trace_every=50))
+    st = r.extra["stopping"]
+    assert st["rule"] == "holdout" and st["held_out"] == round(0.1 * mask.sum())
+    assert r.stop_reason == "auto" and r.steps == st["stopped_at"] < 400
+    assert st["chosen_step"] == min(st["trace"], key=lambda t: t[1])[0]
+    assert any(s == st["chosen_step"] for s, _ in r.extra["psnr_trace"])

@@ -30,6 +30,7 @@ default, and one process per core).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -65,14 +66,29 @@ class Variant:
     stop: dict = field(default_factory=dict)
     k: int = 1
     note: str = ""
+    flip: bool = False  # member k fits the image flipped by FLIPS[k % 4] (its result flipped back)
 
 
 def _w(c: int, scales: int = 5) -> dict:
     return {"channels_down": (c,) * scales, "channels_up": (c,) * scales}
 
 
-def _v(name, note, preset=None, k=1, stop=None, **over) -> Variant:
-    return Variant(name, preset, over, dict(stop or {}), k, note)
+def _v(name, note, preset=None, k=1, stop=None, flip=False, **over) -> Variant:
+    return Variant(name, preset, over, dict(stop or {}), k, note, flip)
+
+
+# (up-down, left-right) of an ensemble's member k in a flipped variant: the members see the image in four
+# orientations, so the grid of the network's strides and upsamplings lies differently on it in each
+FLIPS = ((False, False), (False, True), (True, False), (True, True))
+
+
+def _flipped(a, k: int):
+    """``a`` (h, w[, C]) flipped as member ``k`` sees it (a flip is its own inverse); None stays None."""
+    import numpy as np
+    if a is None:
+        return None
+    ud, lr = FLIPS[k % len(FLIPS)]
+    return np.ascontiguousarray(a[::-1 if ud else 1, ::-1 if lr else 1])
 
 
 # The stopping rule's overrides of the light denoising nets (the rule replayed on the tuning traces: patience 4,
@@ -82,6 +98,9 @@ LIGHT_RULE = {"patience": 4, "rel_tol": 0.7}
 INPAINT_RULE = {"patience": 16, "min_steps": 500}
 # denoise-lite's rule since stop 28 (four fits averaged): the light rule, each member's image at its minimum
 ENSEMBLE_RULE = {**LIGHT_RULE, "lag": 0}
+# a rule that never fires: each fit runs to its cap and the result is its last image, as a preset with
+# auto_stop off (inpaint-lite since stop 29) fits
+TO_THE_CAP = {"patience": 10 ** 6, "min_steps": 500}
 
 # The candidates of issue 16, each alone against the paper preset ("paper"), then combined. Names are
 # short: they are the table's rows. Time scales of the stopping rule follow the schedule where it changes.
@@ -194,6 +213,23 @@ CANDIDATES = [
        ema_warmup=True),
     # what `--preset denoise-lite --ensemble 2` fits since stop 28: two members, lag 0
     _v("d-w32ex2l0", "d-w32ex2 with lag 0", k=2, net=_w(32), stop=ENSEMBLE_RULE, ema_warmup=True),
+    # stop 29: the light inpainting fits differ by image (barbara peaks by step 1550 and falls 1 dB, house still
+    # rises at 6000), which one cap and the variance rule cannot tell apart: self-validation (FitConfig.holdout)
+    # holds back some known pixels and stops where their error stops falling, under a longer cap; the rule's
+    # time scales are the light inpainting rule's. Two members hold back different pixels.
+    _v("i-w32v", "32 channels, lr 0.01, 5 % of the known pixels held back to stop on, 10000 steps", lr=0.01,
+       steps=10000, net=_w(32), holdout=0.05, stop=INPAINT_RULE),
+    _v("i-w32v10", "i-w32v holding back 10 %", lr=0.01, steps=10000, net=_w(32), holdout=0.1, stop=INPAINT_RULE),
+    _v("i-w32vx2", "two fits of i-w32v, averaged", k=2, lr=0.01, steps=10000, net=_w(32), holdout=0.05,
+       stop=INPAINT_RULE),
+    # i-w32lx2 lost on house where the variance rule stopped a member at step 4500 (its oracle was the best of
+    # all): an average of fits run to the cap, where the late detail each member draws is averaged away
+    # stop 29: denoise-lite's four members, each fitting the image in another orientation (flipped up-down,
+    # left-right, both), their results flipped back before the average
+    _v("d-w32ex4f", "d-w32ex4l0 with member k fitting the image flipped by k", k=4, net=_w(32), stop=ENSEMBLE_RULE,
+       ema_warmup=True, flip=True),
+    _v("i-w32lx2c", "two fits of i-w32l run to the cap, averaged", k=2, lr=0.01, steps=6000, net=_w(32),
+       stop=TO_THE_CAP),
 ]
 
 
@@ -214,7 +250,7 @@ def variants_for(suite: str, names: list[str] | None, extra: dict | None = None)
             continue
         if n not in pool and n in PRESETS and PRESETS[n].task == base.task:  # a preset, as `dip restore` runs it
             p = PRESETS[n]
-            pool[n] = Variant(n, n, {"ensemble": 1}, {}, p.ensemble, f"the {n} preset")
+            pool[n] = Variant(n, n, {"ensemble": 1}, {} if p.auto_stop else TO_THE_CAP, p.ensemble, f"the {n} preset")
         if n not in pool:
             raise ValueError(f"unknown variant {n!r} for {suite}; known: {', '.join(sorted(pool))}, {ANCHORS[suite]}")
         v = pool[n]
@@ -280,8 +316,28 @@ def _anchor_row(suite: str, case, sigma: float | None) -> dict:
     return {"psnr": round(psnr(t, ref), 4), "cpu_s": round(cpu, 3)}
 
 
-def _fit_row(suite: str, case, v: Variant, margin: int | None, seed0: int, max_steps: int | None = None) -> dict:
-    """Fit ``case`` with the K members of variant ``v``; the row's measurements."""
+def _member_key(suite: str, case, v: Variant, k: int, margin, seed: int, max_steps) -> str:
+    """What decides member ``k``'s fit, hashed: the case's pixels, the variant's preset, overrides, rule and
+    flip, the seed, margin and cap, and the machine and library versions (a fit repeats bit for bit only
+    on one machine with the same torch)."""
+    import hashlib
+    import torch
+    from pipeline.config import VERSION
+    h = hashlib.sha256()
+    for a in (case.image, case.reference, case.mask):
+        h.update(b"-" if a is None else a.tobytes() + str(a.shape).encode())
+    h.update(json.dumps([suite, case.name, v.preset, v.over, v.stop, bool(v.flip) and k % len(FLIPS), seed, margin,
+                         max_steps, platform.node(), platform.machine(), torch.__version__, VERSION],
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()[:32]
+
+
+def _fit_row(suite: str, case, v: Variant, margin: int | None, seed0: int, max_steps: int | None = None,
+             cache: Path | None = None) -> dict:
+    """Fit ``case`` with the K members of variant ``v``; the row's measurements. With a ``cache`` folder,
+    each member's measurements and images are kept there, and a member fitted before with everything the
+    same (:func:`_member_key`: e.g. the first member of an ensemble of 3 and of 2) is read back, not refitted
+    (its row says ``cached``)."""
     import numpy as np
     import torch
     from pipeline.bench.quality import _ref_tensor, psnr, run_suite
@@ -292,9 +348,21 @@ def _fit_row(suite: str, case, v: Variant, margin: int | None, seed0: int, max_s
     members, imgs = [], {}
     over = {**v.over, "distill_steps": 0}  # counted, not run (it does not change the checked images)
     for k in range(v.k):
+        key = _member_key(suite, case, v, k, margin, seed0 + k, max_steps) if cache else None
+        if key and (cache / f"{key}.json").is_file() and (cache / f"{key}.npz").is_file():
+            kept = json.loads((cache / f"{key}.json").read_text())
+            with np.load(cache / f"{key}.npz") as z:
+                imgs[k] = {kind: z[kind] for kind in z.files}
+            members.append({**kept["member"], "cached": True})
+            params, gflop_per_step = kept["params"], kept["gflop_per_step"]
+            continue
         images: dict = {}
+        seen = case
+        if v.flip:
+            seen = dataclasses.replace(case, image=_flipped(case.image, k), reference=_flipped(case.reference, k),
+                                       mask=_flipped(case.mask, k))
         t0 = time.process_time()
-        res = run_suite(suite, [case], device="cpu", slots=1, seed=seed0 + k, overrides=over, images=images,
+        res = run_suite(suite, [seen], device="cpu", slots=1, seed=seed0 + k, overrides=over, images=images,
                         preset=v.preset, stop_overrides=v.stop, stop_margin=margin, max_steps=max_steps)
         cpu = time.process_time() - t0
         r = res["images"][0]
@@ -311,8 +379,13 @@ def _fit_row(suite: str, case, v: Variant, margin: int | None, seed0: int, max_s
                         "gflop": round(per * real, 2), "cpu_s_ran": round(cpu, 2),
                         "cpu_s": round(cpu * real / max(ran, 1), 2),
                         "var_trace": r["var_trace"], "metric_trace": r["metric_trace"]})
-        imgs[k] = images[case.name]
+        imgs[k] = {kind: _flipped(a, k) for kind, a in images[case.name].items()} if v.flip else images[case.name]
         params, gflop_per_step = r["work"]["params"], per
+        if key:
+            cache.mkdir(parents=True, exist_ok=True)
+            np.savez(cache / f"{key}.npz", **{kind: a for kind, a in imgs[k].items() if a is not None})
+            (cache / f"{key}.json").write_text(json.dumps({"member": members[-1], "params": params,
+                                                            "gflop_per_step": per}))  # the json last: complete
     row = {"params": params, "gflop_per_step": gflop_per_step, "k": v.k,
            "steps": sum(m["steps"] for m in members), "gflop": round(sum(m["gflop"] for m in members), 2),
            "cpu_s": round(sum(m["cpu_s"] for m in members), 2), "members": members}
@@ -362,7 +435,8 @@ def _tiled_row(suite: str, case, v: Variant, seed0: int) -> dict:
 
 # ---- the run --------------------------------------------------------------------------------------------
 def run(suites, part: str, names, crop: int, out: Path, sigma: float | None = None, margin: int | None = 1000,
-        seed: int = 0, data=None, max_steps: int | None = None, images: list[str] | None = None) -> int:
+        seed: int = 0, data=None, max_steps: int | None = None, images: list[str] | None = None,
+        cache: Path | None = None) -> int:
     from pipeline.bench.quality import load_cases, paper_dir
     root = paper_dir(data)
     done = {row_key(r) for r in read_rows(out)}
@@ -380,14 +454,15 @@ def run(suites, part: str, names, crop: int, out: Path, sigma: float | None = No
                 t0 = time.time()
                 row = {"suite": suite, "sigma": key[1], "crop": crop, "variant": v.name, "image": c.name,
                        "part": "tune" if c.name in SPLIT[suite]["tune"] else "held", "note": v.note,
-                       "preset": v.preset, "over": v.over, "stop": v.stop}
+                       "preset": v.preset, "over": v.over, "stop": v.stop,
+                       **({"flip": True} if v.flip else {})}
                 try:
                     if v.name == ANCHORS[suite]:
                         row.update(_anchor_row(suite, c, sigma))
                     elif _tiles_of(suite, c, v):
                         row.update(_tiled_row(suite, c, v, seed))
                     else:
-                        row.update(_fit_row(suite, c, v, margin, seed, max_steps))
+                        row.update(_fit_row(suite, c, v, margin, seed, max_steps, cache))
                 except Exception as e:  # noqa: BLE001 - one bad row must not end a study of hours
                     log.error("%s/%s/%s failed: %s", suite, v.name, c.name, e)
                     failed += 1
@@ -555,13 +630,15 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--table", metavar="JSONL", nargs="+", help="only print the tables of these files")
     p.add_argument("--markdown", action="store_true", help="with --table: as Markdown")
     p.add_argument("--data", default=None)
+    p.add_argument("--cache", metavar="DIR", help="keep each ensemble member's fit here, and reuse a member fitted "
+                   "before with the same everything (on this machine)")
     return p
 
 
 def main(suite: str = "denoise,sr,inpaint", part: str = "tune", variants: str | None = None, crop: int = 64,
          sigma: float | None = None, margin: int = 1000, seed: int = 0, max_steps: int | None = None,
          images: str | None = None, threads: int = 1, out: str = "docs/study/study.jsonl",
-         table: list[str] | None = None, markdown: bool = False, data=None) -> int:
+         table: list[str] | None = None, markdown: bool = False, data=None, cache: str | None = None) -> int:
     """`dip bench study` (the options of :func:`build_parser`). Returns the exit code."""
     if table:
         rows = [r for t in ([table] if isinstance(table, str) else table) for r in read_rows(Path(t))]
@@ -586,7 +663,8 @@ def main(suite: str = "denoise,sr,inpaint", part: str = "tune", variants: str | 
         return 2
     path = Path(out)
     rc = run(suites, part, names, crop, path, sigma=sigma, margin=None if margin < 0 else margin, seed=seed,
-             data=data, max_steps=max_steps, images=[n.strip() for n in images.split(",")] if images else None)
+             data=data, max_steps=max_steps, images=[n.strip() for n in images.split(",")] if images else None,
+             cache=Path(cache) if cache else None)
     print_tables(read_rows(path))
     return rc
 

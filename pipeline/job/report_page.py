@@ -146,6 +146,7 @@ def _plot(rec: dict) -> str | None:
             and num(t[0]) is not None and num(t[1]) is not None] if isinstance(rec.get("psnr_trace"), list) else []
     if not loss and not trace:
         return None
+    holdout = (st or {}).get("rule") == "holdout"
     fig = Figure(figsize=(6.4, 5.0 if psnr else 3.8), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(2 if psnr else 1, 1, 1)
@@ -163,12 +164,13 @@ def _plot(rec: dict) -> str | None:
     if trace:
         ax2 = ax.twinx()
         t = np.asarray(trace, dtype=float)
-        handles += ax2.plot(t[:, 0], t[:, 1], color="C1", lw=1, marker=".", ms=3, label="VAR (ES-WMV)")
+        name = "error on held-back pixels" if holdout else "VAR (ES-WMV)"
+        handles += ax2.plot(t[:, 0], t[:, 1], color="C1", lw=1, marker=".", ms=3, label=name)
         if (t[:, 1] > 0).all() and t[:, 1].max() > 10 * t[:, 1].min():
             ax2.set_yscale("log")
             ax2.yaxis.set_minor_formatter(NullFormatter())
         ax2.tick_params(labelsize=7)
-        ax2.set_ylabel("VAR", fontsize=8)
+        ax2.set_ylabel("held-out MSE" if holdout else "VAR", fontsize=8)
     if st:
         chosen, stopped = num(st.get("chosen_step")), num(st.get("stopped_at"))
         fb = fallback_step(st)
@@ -177,7 +179,7 @@ def _plot(rec: dict) -> str | None:
         if chosen is not None and stopped is not None:
             handles.append(ax.axvline(chosen, color="C2", ls="--", lw=1.2, label=f"chosen step {chosen:.0f}"))
         elif chosen is not None:  # the rule did not fire: the fit ran to its cap, its minimum was not used
-            handles.append(ax.axvline(chosen, color="0.5", ls="--", lw=1, label=f"VAR minimum {chosen:.0f} (not used)"))
+            handles.append(ax.axvline(chosen, color="0.5", ls="--", lw=1, label=f"{'held-out error' if holdout else 'VAR'} minimum {chosen:.0f} (not used)"))
         if stopped is not None and stopped != chosen:
             handles.append(ax.axvline(stopped, color="C3", ls=":", lw=1.2, label=f"stopped at {stopped:.0f}"))
     if handles:  # below the axes, never over the curves
@@ -304,7 +306,8 @@ def auto_stop_text(r) -> str:
         return "off (fixed steps)" if r.get("status") == "done" else ""
     chosen, stopped, fb = num(st.get("chosen_step")), num(st.get("stopped_at")), fallback_step(st)
     if stopped is not None and chosen is not None:
-        return f"{chosen:.0f} (variance rule, stopped at {stopped:.0f})"
+        rule = "held-out pixels" if st.get("rule") == "holdout" else "variance rule"
+        return f"{chosen:.0f} ({rule}, stopped at {stopped:.0f})"
     if fb is not None:
         return f"{fb:.0f} (discrepancy fallback, at the cap)"
     return "not triggered: the last image (the cap)"
