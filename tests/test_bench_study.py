@@ -45,7 +45,7 @@ def test_study_smoke_two_tiny_crops_then_resume(tmp_path, capsys):
     assert s["w32"]["gflop_ratio"] < 0.1 and s["w32"]["vs_paper_on"] == 2 and "d_anchor" in s["w32"]
 
 
-@pytest.mark.parametrize("preset, variant", [("denoise-lite", "d-w32ex4l0"), ("inpaint-lite", "i-w32l"),
+@pytest.mark.parametrize("preset, variant", [("denoise-lite", "d-w32ex4l0"), ("inpaint-lite", "i-w32lx2c"),
                                              ("sr4-lite", "l-w32x2")])
 def test_each_light_preset_is_the_study_variant_it_came_from(preset, variant):
     """A light preset, fitted as `dip restore` fits it (config and auto-stop rule), is exactly the study's
