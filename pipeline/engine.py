@@ -375,6 +375,9 @@ class BatchedFitter:
             res.z = self.z[0, s * D:(s + 1) * D].cpu().clone()
         if sl.stopper is not None and hasattr(sl.stopper, "summary"):
             res.extra["stopping"] = sl.stopper.summary()
+        rule = getattr(self.stopper_factory, "config", None)  # a job's rule (make_stopper_factory): for resume
+        if rule is not None and hasattr(rule, "to_dict"):
+            res.extra["stop_rule"] = rule.to_dict()
         # the batch while this image was fitted: its slots, and the mean share of them that were working
         # (a drained batch still computes its empty slots), and the canvas it was fitted on (output pixels)
         res.extra["batch"] = {"slots": self.B, "occupancy": round(sl.shared / max(1, sl.steps_done), 4),

@@ -233,6 +233,29 @@ def _kill_a_worker(ray, when, first: float = 0.0):
         th.join(5)
 
 
+def test_a_result_made_under_another_auto_stop_rule_is_not_taken_as_done(tmp_path, ray_session, capsys):
+    """The stopping rule follows from the config and the code's defaults, so the job hash cannot see it
+    change (stop 28 changed denoise-lite's lag): each result records the rule it stopped by, and a rerun
+    refuses a result whose rule is not today's. A result without the record counts as done, as before."""
+    src = tmp_path / "in"
+    write_png(src / "a.png", seed=0)
+    out = tmp_path / "out"
+    assert restore(src, "--out", out, "--steps", "auto", *FAST) == 0
+    rec = json.loads((out / "a.json").read_text())
+    from pipeline.config import make_config
+    from pipeline.stopping import stop_config_for
+    assert rec["stop_rule"] == stop_config_for(make_config("denoise", preset="fast")).to_dict()
+    assert restore(src, "--out", out, "--steps", "auto", *FAST) == 0  # the same rule: done
+    assert manifest(out)["runs"][-1]["counts"]["fitted"] == 0
+    (out / "a.json").write_text(json.dumps({**rec, "stop_rule": {**rec["stop_rule"], "lag": 0}}))
+    capsys.readouterr()
+    assert restore(src, "--out", out, "--steps", "auto", *FAST) == 1
+    assert "its auto-stop rule changed since it was made" in capsys.readouterr().err
+    (out / "a.json").write_text(json.dumps({k: v for k, v in rec.items() if k != "stop_rule"}))
+    assert restore(src, "--out", out, "--steps", "auto", *FAST) == 0  # made before the record: as before
+    assert manifest(out)["runs"][-1]["counts"]["fitted"] == 0
+
+
 def test_killed_worker_is_replaced_and_job_completes(tmp_path, ray_session):
     ids = [f"k{i}" for i in range(4)]
     src = write_pngs(tmp_path / "in", ids, size=(32, 32))

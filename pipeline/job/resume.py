@@ -78,7 +78,7 @@ def prepare(it: Input, opts: JobOptions, manifest: JobManifest, device: str, out
         rec.update(input_sha256=input_sha, options_sha256=options_sha, hash=h,
                    options={**rec["options"], "task": cfg.task, "preset": cfg.preset, "steps": cfg.steps,
                             "seed": cfg.seed})
-        done = _done_before(it, opts, manifest, out, prev, rec, h)
+        done = _done_before(it, opts, manifest, out, prev, rec, h, cfg)
         if done is not None:
             return done
         manifest.update(it.id, **rec)
@@ -93,8 +93,19 @@ def prepare(it: Input, opts: JobOptions, manifest: JobManifest, device: str, out
     return Entry(input=it, hash=h, problem=p)
 
 
+def _stop_rule_changed(old: dict, cfg) -> bool:
+    """Whether a result's recorded auto-stop rule (``stop_rule``, recorded since stop 29) is not the rule
+    this dip fits ``cfg`` with. The rule follows from the config and the code's defaults
+    (pipeline.stopping), so the job hash does not see it change; results without the record count as
+    made with it (as before)."""
+    if cfg is None or not isinstance(old, dict) or not isinstance(old.get("stop_rule"), dict):
+        return False
+    from pipeline.stopping import stop_config_for
+    return not cfg.auto_stop or old["stop_rule"] != stop_config_for(cfg).to_dict()
+
+
 def _done_before(it: Input, opts: JobOptions, manifest: JobManifest, out: Path, prev: dict, rec: dict,
-                 h: str) -> Outcome | None:
+                 h: str, cfg=None) -> Outcome | None:
     """The outcome when OUT already has this image's result (done, or skipped: other options); None when
     it is to be fitted (no result, --overwrite, or done without the ONNX this run asks for)."""
     dest = out / it.id
@@ -103,9 +114,12 @@ def _done_before(it: Input, opts: JobOptions, manifest: JobManifest, out: Path, 
         return None
     old = read_json(js)
     old_job = old.get("job") if isinstance(old, dict) and isinstance(old.get("job"), dict) else {}
-    if old_job.get("hash") != h:
+    rule_changed = old_job.get("hash") == h and _stop_rule_changed(old, cfg)
+    if old_job.get("hash") != h or rule_changed:
         # the record stays that of the result on disk; this run's refusal is noted beside it
-        err = (f"{png}: exists with different options (input or config changed since it was made); pass "
+        why = ("its auto-stop rule changed since it was made" if rule_changed
+               else "input or config changed since it was made")
+        err = (f"{png}: exists with different options ({why}); pass "
                f"--overwrite to replace it, or use another --out")
         made_with = old.get("preset") if isinstance(old, dict) else None
         if made_with and made_with != (rec.get("options") or {}).get("preset"):
