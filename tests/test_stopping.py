@@ -376,9 +376,10 @@ def test_holdout_leaves_its_pixels_out_of_the_data_term_and_each_seed_holds_back
     rng = np.random.default_rng(0)
     img = rng.random((40, 48, 3)).astype(np.float32)
     mask = (rng.random((40, 48)) > 0.5).astype(np.float32)
-    items = [to_fit_item(make_problem(img, task="inpaint", mask=mask, preset="inpaint-lite", holdout=0.1, seed=s))
+    items = [to_fit_item(make_problem(img, task="inpaint", mask=mask, preset="inpaint-lite", holdout=0.1, seed=s,
+                                       ensemble=1))
              for s in (0, 1)]
-    plain = to_fit_item(make_problem(img, task="inpaint", mask=mask, preset="inpaint-lite", seed=0))
+    plain = to_fit_item(make_problem(img, task="inpaint", mask=mask, preset="inpaint-lite", seed=0, ensemble=1))
     assert plain.val_mask is None
     known = int(mask.sum())
     for it in items:
@@ -433,7 +434,7 @@ def test_a_self_validating_inpainting_fit_stops_on_its_held_back_pixels():
     gt = np.random.default_rng(1).random((32, 32, 3)).astype(np.float32) * 0.2 + 0.4
     mask = (np.random.default_rng(2).random((32, 32)) > 0.5).astype(np.float32)
     p = make_problem(gt * mask[:, :, None], task="inpaint", mask=mask, preset="inpaint-lite", steps=400,
-                     holdout=0.1, reference=gt, distill_steps=0, seed=3)
+                     holdout=0.1, reference=gt, distill_steps=0, seed=3, ensemble=1)
     p.cfg = p.cfg.replace(auto_stop=True)
     factory = make_stopper_factory(p.cfg, patience=2, min_steps=50)
     ((_, r),) = list(fit_problems([p], device="cpu", slots=1, stopper_factory=factory, trace_every=50))
