@@ -322,8 +322,6 @@ class HoldoutStopper:
     The interface is :class:`WMVStopper`'s.
     """
 
-    rule_name = "holdout"
-
     def __init__(self, config: StopConfig, target, val_mask):
         self.config = config
         self._y = torch.as_tensor(np.asarray(target, np.float32))

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 from collections.abc import Iterable
@@ -323,9 +322,9 @@ class Merger:
                           stop_reason=reasons[0] if len(reasons) == 1 else "mixed",
                           device=device or (rs[0].device if rs else ""), extra={"tiling": tiling},
                           layout=lay, tiles=self.results)
-        rules = {json.dumps(r.extra.get("stop_rule"), sort_keys=True) for r in rs}
-        if len(rules) == 1 and rs[0].extra.get("stop_rule") is not None:  # the one rule every fit stopped by
-            res.extra["stop_rule"] = rs[0].extra["stop_rule"]
+        rule = rs[0].extra.get("stop_rule") if rs else None
+        if rule is not None and all(r.extra.get("stop_rule") == rule for r in rs):  # the one rule every fit stopped by
+            res.extra["stop_rule"] = rule
         work = add_work([r.extra.get("work") for r in rs])  # every fitted tile and ensemble member
         if work:
             res.extra["work"] = work

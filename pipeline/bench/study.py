@@ -222,14 +222,14 @@ CANDIDATES = [
     _v("i-w32v10", "i-w32v holding back 10 %", lr=0.01, steps=10000, net=_w(32), holdout=0.1, stop=INPAINT_RULE),
     _v("i-w32vx2", "two fits of i-w32v, averaged", k=2, lr=0.01, steps=10000, net=_w(32), holdout=0.05,
        stop=INPAINT_RULE),
-    # i-w32lx2 lost on house where the variance rule stopped a member at step 4500 (its oracle was the best of
-    # all): an average of fits run to the cap, where the late detail each member draws is averaged away
     # stop 29: denoise-lite's four members, each fitting the image in another orientation (flipped up-down,
     # left-right, both), their results flipped back before the average
     _v("d-w32ex4f", "d-w32ex4l0 with member k fitting the image flipped by k", k=4, net=_w(32), stop=ENSEMBLE_RULE,
        ema_warmup=True, flip=True),
     # the paper network's lr x2 had scored +0.11 dB for the same work (stop 25); on denoise-lite's four members
     _v("d-w32ex4lr2", "d-w32ex4l0 at lr 0.02", k=4, net=_w(32), stop=ENSEMBLE_RULE, ema_warmup=True, lr=0.02),
+    # i-w32lx2 lost on house where the variance rule stopped a member at step 4500 (its oracle was the best of
+    # all): an average of fits run to the cap, where the late detail each member draws is averaged away
     _v("i-w32lx2c", "two fits of i-w32l run to the cap, averaged", k=2, lr=0.01, steps=6000, net=_w(32),
        stop=TO_THE_CAP),
 ]

@@ -97,15 +97,15 @@ def _stop_rule_changed(old: dict, cfg) -> bool:
     """Whether a result's recorded auto-stop rule (``stop_rule``, recorded since stop 29) is not the rule
     this dip fits ``cfg`` with. The rule follows from the config and the code's defaults
     (pipeline.stopping), so the job hash does not see it change; results without the record count as
-    made with it (as before)."""
-    if cfg is None or not isinstance(old, dict) or not isinstance(old.get("stop_rule"), dict):
+    made with it (as before). Only asked when the job hash matches, so auto-stop is on for both."""
+    if not isinstance(old, dict) or not isinstance(old.get("stop_rule"), dict):
         return False
     from pipeline.stopping import stop_config_for
-    return not cfg.auto_stop or old["stop_rule"] != stop_config_for(cfg).to_dict()
+    return old["stop_rule"] != stop_config_for(cfg).to_dict()
 
 
 def _done_before(it: Input, opts: JobOptions, manifest: JobManifest, out: Path, prev: dict, rec: dict,
-                 h: str, cfg=None) -> Outcome | None:
+                 h: str, cfg) -> Outcome | None:
     """The outcome when OUT already has this image's result (done, or skipped: other options); None when
     it is to be fitted (no result, --overwrite, or done without the ONNX this run asks for)."""
     dest = out / it.id
