@@ -261,7 +261,7 @@ def variants_for(suite: str, names: list[str] | None, extra: dict | None = None)
                 raise ValueError(f"variant {n!r} is of the {v.preset} preset, not for {suite}")
             continue
         if "lr" in v.over and v.over["lr"] is None:
-            v = Variant(v.name, v.preset, {**v.over, "lr": 2 * base.lr}, v.stop, v.k, v.note)
+            v = dataclasses.replace(v, over={**v.over, "lr": 2 * base.lr})  # every other field kept (flip too)
         out.append(v)
     return out
 
