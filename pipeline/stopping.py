@@ -412,8 +412,9 @@ _PRESET_DEFAULTS: dict[str, dict] = {
     # The light denoising net reaches its best image sooner and leaves it faster than the paper's: the rule
     # replayed on the study's recorded traces of its tuning images (tools/replay_stop.py,
     # docs/efficiency.md) chose half the patience, and a new minimum that must fall to 30 % of the last.
-    # As an average of four fits (stop 28) each member may stop later than a single fit's best step: the
-    # image at the variance minimum itself (lag 0) scored 0.10 dB more on the tuning crops for the same work.
+    # As an average of several fits (four since stop 28, six of 24 channels since stop 31) each member may
+    # stop later than a single fit's best step: the image at the variance minimum itself (lag 0) scored
+    # 0.10 dB more on the tuning crops for the same work (four fits of 32 channels).
     "denoise-lite": dict(patience=4, rel_tol=0.7, lag=0),
 }
 

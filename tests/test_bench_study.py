@@ -45,7 +45,7 @@ def test_study_smoke_two_tiny_crops_then_resume(tmp_path, capsys):
     assert s["w32"]["gflop_ratio"] < 0.1 and s["w32"]["vs_paper_on"] == 2 and "d_anchor" in s["w32"]
 
 
-@pytest.mark.parametrize("preset, variant", [("denoise-lite", "d-w32ex4l0"), ("inpaint-lite", "i-w32lx2c"),
+@pytest.mark.parametrize("preset, variant", [("denoise-lite", "d-w24ex6l0"), ("inpaint-lite", "i-w32lx2c"),
                                              ("sr4-lite", "l-w32x2")])
 def test_each_light_preset_is_the_study_variant_it_came_from(preset, variant):
     """A light preset, fitted as `dip restore` fits it (config and auto-stop rule), is exactly the study's
@@ -74,7 +74,7 @@ def test_each_light_preset_is_the_study_variant_it_came_from(preset, variant):
 def test_the_cpu_defaults_are_the_light_presets():
     from pipeline.job import JobOptions
     cfg = JobOptions(task="denoise").config_for("cpu")
-    assert cfg.preset == "denoise-lite" and cfg.ensemble == 4
+    assert cfg.preset == "denoise-lite" and cfg.ensemble == 6
     assert JobOptions(task="denoise", ensemble=1).config_for("cpu").ensemble == 1  # --ensemble 1: half the work
     assert JobOptions(task="denoise").config_for("cuda").preset == "denoise"  # the paper's on a GPU
     sr8 = JobOptions(task="sr", scale=8).config_for("cpu")
