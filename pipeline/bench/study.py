@@ -234,11 +234,13 @@ CANDIDATES = [
        stop=TO_THE_CAP),
     # stop 30: more, narrower members for about denoise-lite's work (a 24-channel step is 0.59x a 32-channel
     # one, a 16-channel step 0.29x): an average of more fits takes out more of each member's noise, and the
-    # narrower single fits had scored no worse (d-w48 under d-w32). The members of ex8 are ex4's and ex6's
-    # first ones (--cache), so the three come from one set of fits.
+    # narrower single fits had scored no worse (d-w48 under d-w32). ex4's and ex6's members are ex8's first
+    # ones (--cache), so the three come from one set of fits. Stop 31 chose d-w24ex6l0 as denoise-lite.
     _v("d-w24ex8l0", "eight fits of 24 channels, lag 0", k=8, net=_w(24), stop=ENSEMBLE_RULE, ema_warmup=True),
     _v("d-w24ex6l0", "six fits of 24 channels, lag 0", k=6, net=_w(24), stop=ENSEMBLE_RULE, ema_warmup=True),
     _v("d-w24ex4l0", "four fits of 24 channels, lag 0", k=4, net=_w(24), stop=ENSEMBLE_RULE, ema_warmup=True),
+    # after the choice (not part of it): what `--preset denoise-lite --ensemble 2` fits since stop 31
+    _v("d-w24ex2l0", "two fits of 24 channels, lag 0", k=2, net=_w(24), stop=ENSEMBLE_RULE, ema_warmup=True),
     _v("d-w16ex16l0", "sixteen fits of 16 channels, lag 0", k=16, net=_w(16), stop=ENSEMBLE_RULE,
        ema_warmup=True),
     _v("d-w16ex12l0", "twelve fits of 16 channels, lag 0", k=12, net=_w(16), stop=ENSEMBLE_RULE, ema_warmup=True),
