@@ -67,8 +67,9 @@ def _add_restore(sub):
                         "generator to the output average, so that the saved image is the .onnx's render; "
                         "0 saves the average itself, which the .onnx then does not reproduce")
     p.add_argument("--ensemble", type=int, metavar="K",
-                   help="fit each image K times from K seeds and save the mean (default 1; 2 gave +0.46 dB "
-                        "on denoising crops for twice the work); exported as K models + <stem>.tiles.json")
+                   help="fit each image K times from K seeds and save the mean (default: the preset's; "
+                        + ", ".join(f"{n} {c.ensemble}" for n, c in PRESETS.items() if c.ensemble > 1)
+                        + ", the others 1); exported as K models + <stem>.tiles.json")
     p.add_argument("--tile", type=int, metavar="SIZE",
                    help="fit images with a side above SIZE pixels as overlapping tiles (SR: low-res pixels); "
                         "default: the preset's (denoise-lite: 64, the size its stopping rule was set at), "

@@ -469,6 +469,16 @@ def test_help_is_fast_and_imports_no_heavy_modules():
     assert time.time() - t < 2.0
 
 
+def test_ensemble_help_names_each_presets_own_k():
+    # regression: the help said "default 1" while denoise-lite fitted 4 (now 6) and the other light presets 2
+    import argparse
+    from pipeline.cli import build_parser
+    from pipeline.config import PRESETS
+    restore = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["restore"]
+    text = " ".join(next(a.help for a in restore._actions if "--ensemble" in a.option_strings).split())
+    assert all(f"{n} {c.ensemble}" in text for n, c in PRESETS.items() if c.ensemble > 1), text
+
+
 def test_cli_mask_and_reference_options_reach_the_fit(tmp_path):
     # regression: `dip restore IMG --reference REF` (and --mask) were dropped on the way to the actors
     import json
