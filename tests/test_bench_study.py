@@ -75,7 +75,7 @@ def test_the_cpu_defaults_are_the_light_presets():
     from pipeline.job import JobOptions
     cfg = JobOptions(task="denoise").config_for("cpu")
     assert cfg.preset == "denoise-lite" and cfg.ensemble == 6
-    assert JobOptions(task="denoise", ensemble=1).config_for("cpu").ensemble == 1  # --ensemble 1: half the work
+    assert JobOptions(task="denoise", ensemble=1).config_for("cpu").ensemble == 1  # --ensemble 1: a sixth of the work
     assert JobOptions(task="denoise").config_for("cuda").preset == "denoise"  # the paper's on a GPU
     sr8 = JobOptions(task="sr", scale=8).config_for("cpu")
     assert (sr8.preset, sr8.scale, sr8.steps, sr8.net.channels_down, sr8.ensemble) == ("sr8-lite", 8, 4000,
