@@ -100,12 +100,12 @@ def test_batched_generator_slots_are_independent(grouped):
     D = net.input_depth
     for s in range(2):
         ref = singles[s](z[:, s * D:(s + 1) * D])
+        # the grouped convolution sums in another order: 1.7e-5 apart at outputs of about 0.5 (seed 0)
         assert torch.allclose(out[s], ref[0], rtol=1e-4, atol=1e-5)
-    # changing slot 1's image leaves slot 0 untouched (BatchNorm statistics never mix images; the tolerance
-    # allows only the rounding of another grouping of the same sums)
+    # changing slot 1's image leaves slot 0 untouched (BatchNorm statistics never mix images)
     z2 = z.clone()
     z2[:, D:] = torch.rand(1, D, 32, 32, generator=gen)
-    assert torch.allclose(g2(z2)[0], out[0], rtol=1e-4, atol=1e-5)
+    assert torch.allclose(g2(z2)[0], out[0], atol=1e-6)
 
 
 # ---- fitting -------------------------------------------------------------------------------------
@@ -469,13 +469,11 @@ def test_help_is_fast_and_imports_no_heavy_modules():
     assert time.time() - t < 2.0
 
 
-def test_ensemble_help_names_each_presets_own_k():
+def test_ensemble_help_names_each_presets_own_k(capsys):
     # regression: the help said "default 1" while denoise-lite fitted 4 (now 6) and the other light presets 2
-    import argparse
-    from pipeline.cli import build_parser
     from pipeline.config import PRESETS
-    restore = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["restore"]
-    text = " ".join(next(a.help for a in restore._actions if "--ensemble" in a.option_strings).split())
+    assert cli_main(["restore", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
     assert all(f"{n} {c.ensemble}" in text for n, c in PRESETS.items() if c.ensemble > 1), text
 
 
