@@ -99,6 +99,7 @@ def fit_tiled(problems, device="auto", slots: int | None = None, tile: int | Non
               canvas_policy: str = "bucket", use_kernels: bool | None = None, keep_weights: bool = False,
               stopper_factory=None, on_step: Callable[[int], None] | None = None,
               on_start: Callable[[Problem], None] | None = None,
+              on_tile: Callable[[Problem, int, bytes], None] | None = None,
               ) -> Iterator[tuple[Problem, Result | Exception]]:
     """Fit problems, tiling those that need it; yields (original problem, Result | Exception) per image.
 
@@ -111,14 +112,22 @@ def fit_tiled(problems, device="auto", slots: int | None = None, tile: int | Non
     may be a :class:`pipeline.batching.Feed` (more problems later), as for fit_problems. ``on_start(p)``
     is called once per source problem, when its first unit starts fitting.
 
+    Resume: ``on_tile(p, index, blob)`` is called as each tile (or ensemble member) of a cut image ends, with
+    the tile's result as bytes (pipeline.tiling.encode_tile) for the caller to keep (pipeline.tiling.TileStore);
+    a source problem's ``kept_tiles`` (such bytes, from a stopped run) are merged instead of fitted where
+    their key matches the tile (pipeline.tiling.tile_key), so the image goes on from where it stopped. With
+    ``keep_weights`` a kept tile is reused only if it has its weights. Off with a custom ``stopper_factory``
+    (the key could not see its rule).
+
     Out of memory: fit_problems first halves the batch; an image that still runs out of memory with one
     slot (the memory model underestimated it) is fitted again as tiles of half its longer side, then of
     half that, down to 32 output pixels, and its JSON says so (``oom_fallback``). The job never dies of it.
     """
     from pipeline.engine import pick_device
     check_canvas_policy(canvas_policy)
+    resume = stopper_factory is None
     tiler = _Tiler(as_feed(problems), pick_device(device), tile, overlap, int(max_memory) if max_memory else None,
-                   auto, canvas_policy, on_start)
+                   auto, canvas_policy, on_start, on_tile if resume else None, keep_weights, resume)
     slot_fn = ((lambda cfg, canvas, C, d, n: slots_for(cfg, canvas, C, tiler.dev, tiler.budget, slots, n))
                if tiler.budget else slots)
     results = fit_problems(tiler, device=tiler.dev, slots=slot_fn, canvas_policy=canvas_policy,
@@ -132,10 +141,11 @@ class _Tiler(Feed):
     """The engine's feed: the source's problems expanded into units, and the retries; and what comes back,
     merged into images."""
 
-    def __init__(self, source: Feed, dev, tile, overlap, budget, auto, policy, on_start):
+    def __init__(self, source: Feed, dev, tile, overlap, budget, auto, policy, on_start, on_tile=None,
+                 weights: bool = False, resume: bool = True):
         self.source, self.live = source, source.live
         self.dev, self.tile, self.overlap, self.budget, self.auto, self.policy = dev, tile, overlap, budget, auto, policy
-        self.on_start = on_start
+        self.on_start, self.on_tile, self.weights, self.resume = on_start, on_tile, weights, resume
         self.images: dict[int, _Image] = {}  # image number (a tile problem's meta["image"]) -> its state
         self.numbers = count()
         self.queue: deque = deque()  # units (whole problems, tiles, Ready) waiting to go into the engine
@@ -191,8 +201,16 @@ class _Tiler(Feed):
         except Exception as e:  # noqa: BLE001
             return [Ready(p, _Final(e))]
         img = _Image(p, Merger(lay), oom=forced)
-        log.info("%s: %d tiles of %d px (overlap %d; %d fits each), %d copied", p.source or p.name,
-                 len(lay.tiles) // lay.ensemble, t, lay.overlap, lay.ensemble, len(lay.copied))
+        kept = self.kept(p, tps)
+        p.kept_tiles = []  # consumed: a big scan's kept tiles are not held twice
+        for r in kept:
+            img.merger.add(r)
+        if kept:
+            img.merger.kept = len(kept)
+            tps = [q for q in tps if q.meta["tile"] in img.merger.pending]
+        log.info("%s: %d tiles of %d px (overlap %d; %d fits each), %d copied%s", p.source or p.name,
+                 len(lay.tiles) // lay.ensemble, t, lay.overlap, lay.ensemble, len(lay.copied),
+                 f", {len(kept)} of {len(kept) + len(tps)} fits kept from a stopped run" if kept else "")
         if not tps:
             return [Ready(p, _Final(self.finish(img)))]
         n = next(self.numbers)
@@ -201,6 +219,24 @@ class _Tiler(Feed):
         for q in tps:
             q.meta["image"] = n
         return tps
+
+    def kept(self, p: Problem, tps: list[Problem]) -> list[Result]:
+        """The results of ``p``'s kept tiles (``p.kept_tiles``) that are fits of tiles in ``tps``."""
+        if not (self.resume and p.kept_tiles):
+            return []
+        from pipeline.tiling import decode_tile
+        by_index = {q.meta["tile"]: q for q in tps}
+        out = {}
+        for blob in p.kept_tiles:
+            try:
+                i = _blob_index(blob)
+            except Exception:  # noqa: BLE001 - a damaged file: its tile is fitted again
+                continue
+            if i in by_index and i not in out:
+                r = decode_tile(blob, by_index[i], weights=self.weights)
+                if r is not None:
+                    out[i] = r
+        return [out[i] for i in sorted(out)]
 
     def retry(self, p: Problem, t_out: int) -> list:
         """After out of memory: ``p`` again as tiles of about ``t_out`` output pixels."""
@@ -260,6 +296,13 @@ class _Tiler(Feed):
             return
         now = time.perf_counter()  # the image's time: from its first tile's start to its last tile's end
         img.t0 = min(img.t0 if img.t0 is not None else now, now - r.seconds)
+        if self.on_tile is not None:  # before the merge, which drops the tile's pixels
+            from pipeline.tiling import encode_tile
+            try:
+                self.on_tile(img.problem, int(q.meta["tile"]), encode_tile(r))
+            except Exception as e:  # noqa: BLE001 - keeping a tile is a convenience; the fit goes on
+                log.warning("%s: tile %s could not be kept for resume: %s", img.problem.source or img.problem.name,
+                            q.meta["tile"], e)
         img.merger.add(r)
         if img.merger.done:
             yield img.problem, self.finish(img)
@@ -270,3 +313,13 @@ class _Tiler(Feed):
         if img.oom and "oom_fallback" not in r.extra:
             r.extra["oom_fallback"] = {"tile": img.oom, "why": "the whole image (or larger tiles) ran out of memory"}
         return r
+
+
+def _blob_index(blob: bytes) -> int:
+    """The tile index a kept tile's bytes are of (its header), without decoding the arrays."""
+    import io
+    import json
+
+    import numpy as np
+    with np.load(io.BytesIO(blob)) as z:
+        return int(json.loads(z["head"].tobytes().decode())["tile"])

@@ -50,6 +50,9 @@ class Problem:
     source: str = ""  # input path, for the JSON
     source_sha256: str = ""
     meta: dict = field(default_factory=dict)
+    # a tiled image's tiles fitted by an earlier, stopped run (pipeline.tiling.encode_tile's bytes, read from
+    # a TileStore): fit_tiled merges those whose key still matches instead of fitting them again
+    kept_tiles: list = field(default_factory=list, repr=False)
 
     @property
     def factor(self) -> int:

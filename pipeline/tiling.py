@@ -38,10 +38,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
+import json
 import logging
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -269,6 +272,7 @@ class Merger:
         self.wsum = np.zeros((H, W), np.float32)
         self.results: dict[int, Result] = {}
         self.pending = set(layout.fitted)
+        self.kept = 0  # of the fitted tiles, those kept from a stopped run (pipeline.fit: resume)
         for i in sorted(layout.copied):
             t = layout.tiles[i]
             y0, x0, y1, x1 = t.box
@@ -311,6 +315,8 @@ class Merger:
         n = min((len(x) for x in losses), default=0)
         loss = np.mean([x[:n] for x in losses], axis=0).tolist() if n else []
         tiling = lay.to_dict()
+        if self.kept:
+            tiling["kept"] = self.kept
         for td in tiling["tiles"]:
             r = self.results.get(td["index"])
             if r is not None:
@@ -350,3 +356,100 @@ def merge(layout: Layout, results: Iterable[Result], seconds: float | None = Non
     for r in results:
         m.add(r)
     return m.finish(seconds)
+
+
+# ---- resume: fitted tiles kept as files ----------------------------------------------------------
+TILE_FORMAT = "dip-tile"
+TILE_VERSION = 1
+
+
+def tile_key(q: Problem) -> str:
+    """What decides a tile problem's fit, hashed: its pixels and mask, its config (with the auto-stop rule
+    that config gets: pipeline.stopping), its seed and index, and dip's version. A kept tile is reused only
+    when this is the same, so a changed input, option, rule or layout (another --tile, an out-of-memory
+    fallback) fits the tile again."""
+    from pipeline.config import VERSION
+    from pipeline.stopping import stop_config_for
+    h = hashlib.sha256()
+    for a in (q.image.pixels, q.mask):
+        h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes() + str(a.shape).encode())
+    rule = stop_config_for(q.cfg).to_dict() if q.cfg.auto_stop else None
+    h.update(json.dumps([q.cfg.identity_dict(), rule, int(q.seed), int(q.meta["tile"]), VERSION],
+                        sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def encode_tile(r: Result) -> bytes:
+    """One fitted tile's result as the bytes of an .npz file: its pixels, loss curve, generator weights
+    (when kept) and a JSON header (steps, seconds, stop reason, work, ...). :func:`decode_tile` reads it."""
+    q = r.problem
+    extra = {}
+    for k, v in r.extra.items():  # what the merge and the record use; anything not JSON is left out
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            continue
+        extra[k] = v
+    head = {"format": TILE_FORMAT, "version": TILE_VERSION, "key": tile_key(q), "tile": int(q.meta["tile"]),
+            "steps": int(r.steps), "seconds": float(r.seconds), "restores": int(r.restores),
+            "stop_reason": r.stop_reason, "device": r.device, "bits": r.image.bits, "extra": extra}
+    arrays = {"pixels": np.asarray(r.image.pixels, np.float32), "loss": np.asarray(r.loss, np.float64),
+              "head": np.frombuffer(json.dumps(head).encode(), np.uint8)}
+    if r.weights is not None:
+        arrays["weights"] = np.asarray(r.weights.detach().cpu().numpy() if hasattr(r.weights, "detach")
+                                       else r.weights, np.float32)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def decode_tile(blob: bytes, q: Problem, weights: bool = False) -> Result | None:
+    """The Result of tile problem ``q`` from :func:`encode_tile`'s bytes; None when they are not a kept fit of
+    this very tile (another key: :func:`tile_key`), are damaged, or lack the weights asked for."""
+    try:
+        with np.load(io.BytesIO(blob)) as z:
+            head = json.loads(z["head"].tobytes().decode())
+            if head.get("format") != TILE_FORMAT or head.get("key") != tile_key(q):
+                return None
+            if weights and "weights" not in z.files:
+                return None
+            px, loss = z["pixels"], z["loss"]
+            w = z["weights"] if "weights" in z.files else None
+    except Exception:  # noqa: BLE001 - a damaged or truncated file: the tile is fitted again
+        return None
+    if px.shape[:2] != q.out_shape or px.shape[2] != q.image.channels:
+        return None
+    import torch
+    return Result(problem=q, image=ImageData(px, None, head["bits"], ""), steps=head["steps"],
+                  seconds=head["seconds"], loss=loss.tolist(), restores=head["restores"],
+                  stop_reason=head["stop_reason"], device=head["device"], extra=head["extra"],
+                  weights=torch.from_numpy(w.copy()) if (weights and w is not None) else None)
+
+
+class TileStore:
+    """A folder of one image's fitted tiles, ``tNNN.npz`` each (written atomically): what lets a stopped run
+    of a large scan go on from its last finished tile. The job keeps it under OUT/.tiles/ until the image's
+    result is written; the study beside its JSONL file until the row is.
+
+    >>> import tempfile; s = TileStore(Path(tempfile.mkdtemp()) / "img")
+    >>> s.save(3, b"x"); s.save(12, b"y"); sorted(s.load())
+    [b'x', b'y']
+    >>> s.clear(); s.load(), s.folder.exists()
+    ([], False)
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+
+    def load(self) -> list[bytes]:
+        if not self.folder.is_dir():
+            return []
+        return [f.read_bytes() for f in sorted(self.folder.glob("t*.npz"))]
+
+    def save(self, index: int, blob: bytes) -> None:
+        from pipeline.io import write_bytes
+        write_bytes(self.folder / f"t{int(index):04d}.npz", blob)
+
+    def clear(self) -> None:
+        import shutil
+        shutil.rmtree(self.folder, ignore_errors=True)

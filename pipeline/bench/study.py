@@ -10,7 +10,9 @@ anchors run on the same crops: BM3D for denoising (the ``bm3d`` package, an extr
 
 Resumable. Every (suite, noise level, crop, variant, image) is one row of a JSONL file, appended (and
 flushed) as soon as it is measured; a run skips the rows its file already has, so a stopped run loses
-at most the image it was fitting, and the same command goes on where it stopped.
+at most the image it was fitting, and the same command goes on where it stopped. An image fitted as
+tiles (a full-size one, ``--crop 0``) keeps each finished tile in ``<out stem>.tiles/`` (or the
+``--cache`` folder's ``tiles/``) until its row is written, so a stopped run loses at most one tile.
 
 Choose on one part, report on the other. Every suite's images are split once, here (``SPLIT``), into a
 ``tune`` part, on which variants are compared and chosen, and a ``held`` part, which is only fitted with
@@ -423,20 +425,50 @@ def _tiles_of(suite: str, case, v: Variant) -> int:
     return cfg.tile if cfg.cuts(*case.image.shape[:2]) else 0
 
 
-def _tiled_row(suite: str, case, v: Variant, seed0: int) -> dict:
+def _tiles_key(suite: str, case, v: Variant, seed: int) -> str:
+    """The folder name of a tiled row's kept tiles: the case's pixels, the variant and the seed (not the
+    machine: a full-size image may take several sessions; each tile's own key checks the rest)."""
+    import hashlib
+    h = hashlib.sha256()
+    for a in (case.image, case.reference, case.mask):
+        h.update(b"-" if a is None else a.tobytes() + str(a.shape).encode())
+    h.update(json.dumps([suite, case.name, v.name, v.preset, v.over, v.k, seed], sort_keys=True,
+                        default=str).encode())
+    return f"{case.name}-{v.name}-{h.hexdigest()[:16]}"
+
+
+def _tiled_row(suite: str, case, v: Variant, seed0: int, tiles: Path | None = None) -> dict:
     """Fit ``case`` as the product does when the variant's preset tiles it (FitConfig.tile): through
     pipeline.fit.fit_tiled, every tile and member its own fit and stop, the distillation run. Only the
-    auto-stopped PSNR: there is no oracle step (each tile has its own), so ``oracle_psnr`` is None."""
+    auto-stopped PSNR: there is no oracle step (each tile has its own), so ``oracle_psnr`` is None.
+
+    With ``tiles`` (a folder), each finished tile is kept there (pipeline.tiling.TileStore) with the CPU
+    seconds so far, so a stopped run goes on from its last tile; the row's ``cpu_s`` then adds up the runs
+    (``runs``, ``kept_tiles``), and the folder is removed once the row is complete."""
     import torch
     from pipeline.bench.quality import _problems, _ref_tensor, psnr
     from pipeline.fit import fit_tiled
+    from pipeline.tiling import TileStore
     over = {k: x for k, x in v.over.items() if k != "ensemble"}  # the preset's own K members, as tiles
     (p,) = _problems(suite, [case], v.preset, False, None, seed0, {**over, "ensemble": v.k})
+    store = TileStore(tiles / _tiles_key(suite, case, v, seed0)) if tiles else None
+    before = {"cpu_s": 0.0, "runs": 0}
+    if store is not None:
+        p.kept_tiles = store.load()
+        if p.kept_tiles and (store.folder / "cpu.json").is_file():
+            before = json.loads((store.folder / "cpu.json").read_text())
     t0 = time.process_time()
-    for _q, r in fit_tiled([p], device="cpu", slots=1, auto=False):
+
+    def keep(_p, index: int, blob: bytes) -> None:
+        store.save(index, blob)  # the tile first, then the seconds that include it
+        (store.folder / "cpu.json").write_text(json.dumps(
+            {"cpu_s": before["cpu_s"] + time.process_time() - t0, "runs": before["runs"] + 1}))
+
+    for _q, r in fit_tiled([p], device="cpu", slots=1, auto=False, on_tile=keep if store else None):
         if isinstance(r, Exception):
             raise r
-    cpu = time.process_time() - t0
+    cpu = before["cpu_s"] + time.process_time() - t0
+    kept = int(r.extra["tiling"].get("kept", 0))
     w = r.extra["work"]
     unit_steps = sorted(int(t["steps"]) for t in r.extra["tiling"]["tiles"] if "steps" in t)
     out = torch.from_numpy(r.image.pixels).permute(2, 0, 1)
@@ -444,7 +476,7 @@ def _tiled_row(suite: str, case, v: Variant, seed0: int) -> dict:
             "gflop": w["gflop"], "cpu_s": round(cpu, 2), "tile": p.cfg.tile, "fits": w.get("fits"),
             "unit_steps": unit_steps, "auto_psnr": round(psnr(out, _ref_tensor(case.reference),
                                                           4 if suite == "sr" else None), 4),
-            "oracle_psnr": None}
+            "oracle_psnr": None, **({"kept_tiles": kept, "runs": before["runs"] + 1} if kept else {})}
 
 
 # ---- the run --------------------------------------------------------------------------------------------
@@ -454,6 +486,7 @@ def run(suites, part: str, names, crop: int, out: Path, sigma: float | None = No
     from pipeline.bench.quality import load_cases, paper_dir
     root = paper_dir(data)
     done = {row_key(r) for r in read_rows(out)}
+    tiles = cache / "tiles" if cache else out.with_name(out.stem + ".tiles")  # a tiled row's finished tiles
     failed = 0
     for suite in suites:
         want = SPLIT[suite]["tune"] + SPLIT[suite]["held"] if part == "all" else SPLIT[suite][part]
@@ -474,7 +507,7 @@ def run(suites, part: str, names, crop: int, out: Path, sigma: float | None = No
                     if v.name == ANCHORS[suite]:
                         row.update(_anchor_row(suite, c, sigma))
                     elif _tiles_of(suite, c, v):
-                        row.update(_tiled_row(suite, c, v, seed))
+                        row.update(_tiled_row(suite, c, v, seed, tiles))
                     else:
                         row.update(_fit_row(suite, c, v, margin, seed, max_steps, cache))
                 except Exception as e:  # noqa: BLE001 - one bad row must not end a study of hours
@@ -486,6 +519,9 @@ def run(suites, part: str, names, crop: int, out: Path, sigma: float | None = No
                            threads=_threads())
                 append_row(out, row)
                 done.add(key)
+                if "tile" in row:  # the row is the record now: its kept tiles go
+                    from pipeline.tiling import TileStore
+                    TileStore(tiles / _tiles_key(suite, c, v, seed)).clear()
                 log.info("%s %s %s: auto %.2f dB, oracle %s dB, %s steps, %s GFLOP, %.0f s", suite, v.name, c.name,
                          row.get("auto_psnr", row.get("psnr")), row.get("oracle_psnr"), row.get("steps"),
                          row.get("gflop"), row["wall_s"])

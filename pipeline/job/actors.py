@@ -2,7 +2,9 @@
 
 The actor protocol is a Ray streaming generator. ``FitWorker.fit(batch)`` is called with
 ``num_returns="streaming"``; it first yields a ``started`` event (ids, pid, node), then a ``fitting`` event
-per image when its fit takes a slot of the engine, one ``done`` or ``error`` event per image *as each image
+per image when its fit takes a slot of the engine, a ``tile`` event per finished tile of an image fitted
+as tiles (its result as bytes, for the driver to keep under OUT/.tiles/ until the image is done, so that
+a stopped job goes on from its last tile), one ``done`` or ``error`` event per image *as each image
 finishes* (the engine yields results in finishing order), and, while it waits, a ``progress`` event every
 ``DIP_PROGRESS_EVERY`` seconds (default 5) with the fit-steps the actor's engine has done. The
 actor runs its calls at once (``max_concurrency``: up to three calls and the driver's pings) and they all
@@ -25,6 +27,10 @@ from pipeline.job.manifest import now_iso, one_line
 log = logging.getLogger("dip.job")
 
 _FITTING = object()  # in a call's result queue: "this image's fit has started"
+
+
+class _Tile(collections.namedtuple("_Tile", "index blob")):
+    """In a call's result queue: a tile of this image ended (pipeline.tiling.encode_tile's bytes)."""
 
 
 def progress_every() -> float:
@@ -121,7 +127,7 @@ class FitWorker:
             for p, res in fit_tiled(inbox, device=dev, slots=self.slots, tile=self.tile,
                                     overlap=self.tile_overlap, max_memory=self.max_memory,
                                     keep_weights=self.keep_weights, use_kernels=self.use_kernels,
-                                    on_step=self._on_step, on_start=self._on_start):
+                                    on_step=self._on_step, on_start=self._on_start, on_tile=self._on_tile):
                 with self._lock:
                     owner = self._owners.pop(id(p), None)
                 if owner is not None:
@@ -144,6 +150,12 @@ class FitWorker:
         if owner is not None:
             owner[0].put((owner[1], _FITTING))
 
+    def _on_tile(self, p, index: int, blob: bytes) -> None:  # the engine thread: a tile of a cut image ended
+        with self._lock:
+            owner = self._owners.get(id(p))
+        if owner is not None:
+            owner[0].put((owner[1], _Tile(index, blob)))
+
     def fit(self, batch: list):
         """batch: [(id, Problem)]. Yields a 'started' event, then per image a 'fitting' and a 'done' or
         'error' event, and 'progress' events while it waits (see the module docstring)."""
@@ -165,6 +177,9 @@ class FitWorker:
                 continue
             if res is _FITTING:
                 yield {"kind": "fitting", "id": key, "time": now_iso()}
+                continue
+            if isinstance(res, _Tile):  # for the driver to keep until the image is done (resume)
+                yield {"kind": "tile", "id": key, "index": res.index, "blob": res.blob}
                 continue
             left -= 1
             if key is None:

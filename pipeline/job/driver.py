@@ -35,7 +35,7 @@ from pathlib import Path
 from pipeline.job import report
 from pipeline.job.manifest import MANIFEST_NAME, Input, JobManifest, UsageError, discover, now_iso, one_line
 from pipeline.job.options import JobOptions
-from pipeline.job.outputs import NO_SPACE, OutOfSpace, write_result
+from pipeline.job.outputs import NO_SPACE, OutOfSpace, tile_store, write_result
 from pipeline.job.pool import MAX_CALLS_PER_ACTOR, Call, Pool, init_ray, joins_cluster
 from pipeline.job.progress import Progress
 from pipeline.job.resume import Entry, Outcome, outputs, prepare
@@ -316,7 +316,17 @@ class Driver:
         batch = self.take(n)
         if not batch:
             return False
-        self.pool.submit(w, [(e.input.id, e.problem) for e in batch])
+        for e in batch:  # the tiles that a stopped run (or a failed try) finished: merged, not fitted again
+            try:
+                e.problem.kept_tiles = tile_store(self.out, e.input.id, e.hash).load()
+            except OSError as err:
+                log.warning("%s: its kept tiles cannot be read (%s); they are fitted again", e.input.input,
+                            one_line(err))
+        try:
+            self.pool.submit(w, [(e.input.id, e.problem) for e in batch])
+        finally:
+            for e in batch:  # shipped (Ray copied the arguments): the driver does not hold them
+                e.problem.kept_tiles = []
         return True
 
     def take(self, n: int) -> list[Entry]:
@@ -375,6 +385,10 @@ class Driver:
             return
         key = ev["id"]
         entry = self.entries.get(key)
+        if kind == "tile":
+            if entry is not None:
+                self.keep_tile(entry, ev)
+            return
         if kind == "fitting":  # its fit took a slot of the worker's engine: an attempt, charged if it fails
             if entry is not None:
                 entry.fitting = True
@@ -415,6 +429,7 @@ class Driver:
             self.manifest.update(key, status="failed", error=err, finished=finished)
             self.final(key, "failed", f"dip: {err}")
             return
+        tile_store(self.out, key, entry.hash).clear()  # the result is written: its kept tiles are not needed
         self.manifest.update(key, status="done", error=None, finished=finished, seconds=seconds,
                              outputs=outputs(key, ev.get("onnx") is not None), onnx_error=ev.get("onnx_error"),
                              work=ev["record"].get("work"))
@@ -433,6 +448,16 @@ class Driver:
                 msg += f", PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}"
             msg += ")"
         self.final(key, "done", msg)
+
+    def keep_tile(self, entry: Entry, ev: dict) -> None:
+        """Keep one finished tile of an image under OUT/.tiles/ (resume); a failure only costs the resume."""
+        try:
+            tile_store(self.out, entry.input.id, entry.hash).save(ev["index"], ev["blob"])
+        except OSError as e:
+            if not entry.tile_warned:
+                entry.tile_warned = True
+                log.warning("%s: its finished tiles cannot be kept for a later run (%s)", entry.input.input,
+                            one_line(e))
 
     def retry_or_fail(self, entry: Entry, err: str) -> None:
         entry.failures.append(err)

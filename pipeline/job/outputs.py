@@ -1,5 +1,10 @@
 """The job's outputs: what an actor sent back for one image, written under OUT by the driver.
 
+An image fitted as tiles (a large scan, or an ensemble) keeps each finished tile in its
+:func:`tile_store` under OUT/.tiles/ while the others are fitted; the next run of the same job merges the
+kept tiles instead of fitting them again (pipeline.fit: resume), and the folder is removed once the
+image's result is written.
+
 Per image the driver writes ``<stem>.png``, then ``<stem>.onnx`` (or a tiled image's one model per tile and
 its ``<stem>.tiles.json``), then ``<stem>.json`` last, each atomically (temporary file + rename, with the
 umask's mode: pipeline.io.atomic_path); the JSON is the "done" marker and carries the job hash. When OUT
@@ -34,3 +39,12 @@ def write_result(dest: Path, ev: dict, job: dict) -> dict:
         record["job"]["onnx_error"] = ev["onnx_error"]
     write_json(dest.with_name(dest.name + ".json"), record)  # last: the "done" marker
     return record
+
+
+def tile_store(out: Path, key: str, job_hash: str):
+    """The :class:`pipeline.tiling.TileStore` of image ``key`` under OUT/.tiles/, named by a hash of its id and
+    job hash (an id may hold slashes; a changed input or config gets another folder)."""
+    import hashlib
+    from pipeline.tiling import TileStore
+    name = hashlib.sha256(f"{key}\0{job_hash}".encode()).hexdigest()[:24]
+    return TileStore(Path(out) / ".tiles" / name)

@@ -31,6 +31,7 @@ class Entry:
     failures: list = field(default_factory=list)  # errors of calls that had started fitting it
     lost: int = 0  # calls that failed before its fit started (the actor was restarting): not charged
     fitting: bool = False  # its fit has started in the call it is in (the actor said so)
+    tile_warned: bool = False  # keeping its finished tiles failed once (said once)
 
 
 @dataclass

@@ -1,0 +1,150 @@
+"""Resume of an image fitted as tiles: each finished tile kept as a file (pipeline.tiling.encode_tile,
+TileStore), merged instead of fitted by the next run (pipeline.fit: ``on_tile``, ``Problem.kept_tiles``);
+in the job under OUT/.tiles/ until the image is written, and in the study beside its JSONL file.
+
+CPU only, the fast preset with a tiny net and a few steps, one torch thread.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.api import make_problem
+from pipeline.fit import fit_tiled
+from pipeline.tiling import TileStore, decode_tile, encode_tile, split
+
+TINY = {"input_depth": 8, "channels_down": (8, 16, 32, 32), "channels_up": (8, 16, 32, 32)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def scan(seed: int = 3, **over):
+    """A 40x56 noisy colour image: 4 boxes of 32 px (overlap 8), two members each: 8 fits."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:40, 0:56].astype(np.float32)
+    img = np.stack([0.5 + 0.3 * np.sin(x / 7 + ph) * np.cos(y / 9) for ph in (0, 1, 2)], -1)
+    img = np.clip(img + rng.normal(0, 0.1, img.shape), 0, 1).astype(np.float32)
+    return make_problem(img, task="denoise", preset="fast", net=TINY, ensemble=2, seed=seed, name="scan",
+                        **{"steps": 6, **over})
+
+
+def fit(p, **kw):
+    (_q, r), = list(fit_tiled([p], device="cpu", slots=1, tile=32, overlap=8, auto=False, **kw))
+    if isinstance(r, Exception):
+        raise r
+    return r
+
+
+class Stop(KeyboardInterrupt):  # as Ctrl-C: the engine does not take it for a failed fit
+    pass
+
+
+def stopped_run(store: TileStore, after: int, **kw) -> None:
+    """A run that keeps its tiles in ``store`` and is stopped (as by a signal) once ``after`` are kept."""
+    def on_step(_n):
+        if len(list(store.folder.glob("t*.npz"))) >= after:
+            raise Stop
+    with pytest.raises(Stop):
+        fit(scan(), on_tile=lambda _p, i, blob: store.save(i, blob), on_step=on_step, **kw)
+
+
+def test_a_stopped_tiled_fit_goes_on_from_its_last_tile_and_gives_the_same_image(tmp_path):
+    whole = fit(scan())
+    store = TileStore(tmp_path / "scan")
+    stopped_run(store, after=3)
+    kept = store.load()
+    assert len(kept) == 3
+    p = scan()
+    p.kept_tiles = kept
+    fitted = []
+    r = fit(p, on_tile=lambda _p, i, _b: fitted.append(i))
+    assert r.extra["tiling"]["kept"] == 3
+    assert len(fitted) == 8 - 3 and not set(fitted) & {0, 1, 2}  # tiles end in order at one slot
+    np.testing.assert_array_equal(r.image.pixels, whole.image.pixels)
+    assert r.extra["work"] == whole.extra["work"]  # the image's cost counts the kept fits too
+    assert [t["steps"] for t in r.record()["tiling"]["tiles"]] == [t["steps"] for t in
+                                                                    whole.record()["tiling"]["tiles"]]
+    assert p.kept_tiles == []  # consumed
+
+
+def test_kept_tiles_of_another_fit_or_damaged_are_fitted_again(tmp_path):
+    store = TileStore(tmp_path / "scan")
+    stopped_run(store, after=2)
+    blobs = store.load()
+    for other in (scan(seed=4), scan(steps=7), scan(lr=0.02)):  # another seed, cap, option: other fits
+        other.kept_tiles = list(blobs)
+        assert "kept" not in fit(other).extra["tiling"]
+    p = scan()
+    p.kept_tiles = [blobs[0][:len(blobs[0]) // 2], blobs[1]]  # one truncated (a run killed mid-write)
+    assert fit(p).extra["tiling"]["kept"] == 1
+    p = scan()
+    p.kept_tiles = list(blobs)  # kept without weights: an export needs them, so they are fitted again
+    assert "kept" not in fit(p, keep_weights=True).extra["tiling"]
+
+
+def test_a_kept_tile_round_trips_with_its_weights():
+    p = scan()
+    r = fit(p, keep_weights=True)
+    tps, _lay = split(scan(), 32, 8)
+    for i, q in enumerate(tps[:2]):
+        t = r.tiles[i]
+        t.image.pixels = np.full(q.out_shape + (3,), 0.25, np.float32)  # the merge dropped the real ones
+        back = decode_tile(encode_tile(t), q, weights=True)
+        assert back is not None and back.steps == t.steps and back.stop_reason == t.stop_reason
+        assert torch.equal(back.weights, t.weights) and back.extra["work"] == t.extra["work"]
+        np.testing.assert_array_equal(back.image.pixels, t.image.pixels)
+        assert decode_tile(encode_tile(t), tps[i + 2], weights=True) is None  # not this tile's fit
+
+
+def test_a_job_stopped_in_a_tiled_image_goes_on_from_its_kept_tiles(tmp_path, ray_session):
+    """A real job whose result cannot be written (its PNG path is a folder) fails the image but keeps its
+    finished tiles under OUT/.tiles/; once the path is free, the same command merges all of them, fits
+    nothing again, and removes the folder."""
+    from PIL import Image
+    from pipeline.cli import main as cli_main
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "big.png")
+    out = tmp_path / "out"
+    (out / "big.png").mkdir(parents=True)
+    args = ["restore", str(tmp_path / "big.png"), "--out", str(out), "--tile", "32", "--tile-overlap", "8",
+            "--preset", "fast", "--steps", "3", "--device", "cpu", "--no-export-onnx", "--quiet"]
+    assert cli_main(args) == 1
+    kept = list((out / ".tiles").glob("*/t*.npz"))
+    assert len(kept) == 4  # every box once
+    (out / "big.png").rmdir()
+    assert cli_main(args) == 0
+    rec = json.loads((out / "big.json").read_text())
+    assert rec["tiling"]["kept"] == 4
+    assert not list((out / ".tiles").glob("*/*"))
+
+
+def test_the_study_keeps_a_tiled_rows_tiles_until_the_row_is_written(tmp_path, monkeypatch):
+    """`dip bench study` on an image its preset tiles: a stopped run leaves its tiles beside the JSONL file;
+    the next run merges them, adds up the CPU seconds of both runs, writes the row and removes them."""
+    from pipeline.bench import study
+    from pipeline.bench.quality import load_cases, paper_dir
+    (case,) = load_cases("denoise", paper_dir(None), crop=40, only=["F16"])
+    v = study.Variant("t", "fast", {"tile": 24, "net": TINY, "steps": 3}, k=2)
+    out = tmp_path / "rows.jsonl"
+    tiles = tmp_path / "rows.tiles"
+    store = TileStore(tiles / study._tiles_key("denoise", case, v, 0))
+    first = study._tiled_row("denoise", case, v, 0, tiles)  # a whole run, to compare with
+    assert "kept_tiles" not in first and len(store.load()) == 8  # they stay until the caller writes the row
+    for f in sorted(store.folder.glob("t*.npz"))[3:]:
+        f.unlink()  # as if stopped after three
+    (store.folder / "cpu.json").write_text(json.dumps({"cpu_s": 100.0, "runs": 1}))
+    monkeypatch.setattr(study, "variants_for", lambda suite, names: [v])
+    assert study.run(["denoise"], "tune", None, 40, out, images=["F16"]) == 0
+    (row,) = study.read_rows(out)
+    assert row["kept_tiles"] == 3 and row["runs"] == 2 and row["cpu_s"] >= 100.0
+    assert row["auto_psnr"] == first["auto_psnr"] and row["gflop"] == first["gflop"]
+    assert not store.folder.exists()
