@@ -451,5 +451,10 @@ class TileStore:
         write_bytes(self.folder / f"t{int(index):04d}.npz", blob)
 
     def clear(self) -> None:
+        """Remove the folder, and its parent when that is left empty (OUT/.tiles/ after the last image)."""
         import shutil
         shutil.rmtree(self.folder, ignore_errors=True)
+        try:
+            self.folder.parent.rmdir()
+        except OSError:
+            pass

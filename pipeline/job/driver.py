@@ -318,7 +318,7 @@ class Driver:
             return False
         for e in batch:  # the tiles that a stopped run (or a failed try) finished: merged, not fitted again
             try:
-                e.problem.kept_tiles = tile_store(self.out, e.input.id, e.hash).load()
+                e.problem.kept_tiles = tile_store(self.out, e.input.id).load()
             except OSError as err:
                 log.warning("%s: its kept tiles cannot be read (%s); they are fitted again", e.input.input,
                             one_line(err))
@@ -429,7 +429,7 @@ class Driver:
             self.manifest.update(key, status="failed", error=err, finished=finished)
             self.final(key, "failed", f"dip: {err}")
             return
-        tile_store(self.out, key, entry.hash).clear()  # the result is written: its kept tiles are not needed
+        tile_store(self.out, key).clear()  # the result is written: its kept tiles are not needed
         self.manifest.update(key, status="done", error=None, finished=finished, seconds=seconds,
                              outputs=outputs(key, ev.get("onnx") is not None), onnx_error=ev.get("onnx_error"),
                              work=ev["record"].get("work"))
@@ -452,7 +452,7 @@ class Driver:
     def keep_tile(self, entry: Entry, ev: dict) -> None:
         """Keep one finished tile of an image under OUT/.tiles/ (resume); a failure only costs the resume."""
         try:
-            tile_store(self.out, entry.input.id, entry.hash).save(ev["index"], ev["blob"])
+            tile_store(self.out, entry.input.id).save(ev["index"], ev["blob"])
         except OSError as e:
             if not entry.tile_warned:
                 entry.tile_warned = True

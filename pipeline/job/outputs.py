@@ -41,10 +41,11 @@ def write_result(dest: Path, ev: dict, job: dict) -> dict:
     return record
 
 
-def tile_store(out: Path, key: str, job_hash: str):
-    """The :class:`pipeline.tiling.TileStore` of image ``key`` under OUT/.tiles/, named by a hash of its id and
-    job hash (an id may hold slashes; a changed input or config gets another folder)."""
+def tile_store(out: Path, key: str):
+    """The :class:`pipeline.tiling.TileStore` of image ``key`` under OUT/.tiles/, named by a hash of its id (an
+    id may hold slashes). One folder per image: each tile's own key (pipeline.tiling.tile_key) tells a tile
+    of this input and config from one left by a run with other options, and the folder goes when the
+    image's result is written."""
     import hashlib
     from pipeline.tiling import TileStore
-    name = hashlib.sha256(f"{key}\0{job_hash}".encode()).hexdigest()[:24]
-    return TileStore(Path(out) / ".tiles" / name)
+    return TileStore(Path(out) / ".tiles" / hashlib.sha256(key.encode()).hexdigest()[:24])
