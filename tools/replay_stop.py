@@ -4,7 +4,8 @@
 
 Every study row keeps, per fit, the raw VAR trace of the rule (every 50 steps) and the PSNR of every checked
 image (pipeline.bench.study): the rule's choice under another rel_tol / patience / lag is then exact for a
-single fit (an ensemble's mean image is not recorded). Prints, per variant, the mean gap to the oracle
+single fit. An ensemble's mean image is not recorded: ``--members`` replays each member of its rows on its
+own (the gap of a member's image, a proxy for the ensemble's). Prints, per variant, the mean gap to the oracle
 and the mean stop step of every setting of the grid, best first, and the current rule's.
 """
 from __future__ import annotations
@@ -18,10 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def replay(row: dict, cfg) -> tuple[float, float, int]:
-    """(PSNR of the image the rule chooses, the oracle PSNR, the step it stops at) of a single-fit row."""
+def replay(row: dict, cfg, member: int = 0) -> tuple[float, float, int]:
+    """(PSNR of the image the rule chooses, the oracle PSNR, the step it stops at) of one fit of a row (a
+    single fit, or one member of an ensemble: its own image, not the ensemble's mean)."""
     from pipeline.stopping import choose_from_trace
-    m = row["members"][0]
+    m = row["members"][member]
     by_step = {int(s): p for s, p, _pm in m["metric_trace"]}
     best = max(by_step.values())
     chosen, stopped = choose_from_trace(m["var_trace"], cfg)
@@ -38,6 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--part", default="tune")
     ap.add_argument("--variants", required=True)
     ap.add_argument("--top", type=int, default=5)
+    ap.add_argument("--members", action="store_true", help="ensemble rows too, each member replayed alone")
+    ap.add_argument("--sigma", type=float, help="only the rows of this synthetic noise level (default: the "
+                                                "authors' sigma=25 images)")
     a = ap.parse_args(argv)
     from pipeline.bench.study import variants_for
     from pipeline.config import make_config
@@ -46,20 +51,21 @@ def main(argv=None) -> int:
     grid = [dict(rel_tol=t, patience=p, lag=g) for t, p, g in
             itertools.product((0.3, 0.5, 0.7, 0.8), (4, 6, 8, 12), (0, 1))]
     for v in variants_for(a.suite, a.variants.split(",")):
-        rs = [r for r in rows if r["suite"] == a.suite and r["part"] == a.part and r["variant"] == v.name
-              and r.get("k", 1) == 1 and "members" in r]
+        rs = [(r, k) for r in rows if r["suite"] == a.suite and r["part"] == a.part and r["variant"] == v.name
+              and r.get("sigma") == a.sigma and "members" in r and (a.members or r.get("k", 1) == 1)
+              for k in range(len(r["members"]) if a.members else 1)]
         if not rs:
-            print(f"{v.name}: no single-fit rows")
+            print(f"{v.name}: no {'' if a.members else 'single-fit '}rows")
             continue
         base = stop_config_for(make_config({"sr": "sr", "inpaint": "inpaint"}.get(a.suite, "denoise")), **v.stop)
         res = []
         for g in grid + [{}]:
             cfg = base.replace(**g)
-            got = [replay(r, cfg) for r in rs]
+            got = [replay(r, cfg, k) for r, k in rs]
             gap = sum(p - b for p, b, _s in got) / len(got)
             res.append((gap, sum(s for _p, _b, s in got) / len(got), g or "as the variant"))
         cur = res[-1]
-        print(f"{v.name} ({len(rs)} images): the variant's rule: gap {cur[0]:+.3f} dB, stop at {cur[1]:.0f}")
+        print(f"{v.name} ({len(rs)} fits): the variant's rule: gap {cur[0]:+.3f} dB, stop at {cur[1]:.0f}")
         for gap, st, g in sorted(res[:-1], key=lambda x: -x[0])[:a.top]:
             print(f"    {g}: gap {gap:+.3f} dB, stop at {st:.0f}")
     return 0
