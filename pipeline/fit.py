@@ -281,6 +281,8 @@ class _Tiler(Feed):
         img.units -= 1
         if not img.units:  # its last unit: nothing more will come back for it
             self.images.pop(q.meta["image"])
+        if self.on_tile is not None and not isinstance(r, Exception):
+            self.keep(img.problem, q, r)  # also after another tile failed: the image's next try needs it
         if img.failed:
             return
         lay = img.merger.layout
@@ -296,16 +298,17 @@ class _Tiler(Feed):
             return
         now = time.perf_counter()  # the image's time: from its first tile's start to its last tile's end
         img.t0 = min(img.t0 if img.t0 is not None else now, now - r.seconds)
-        if self.on_tile is not None:  # before the merge, which drops the tile's pixels
-            from pipeline.tiling import encode_tile
-            try:
-                self.on_tile(img.problem, int(q.meta["tile"]), encode_tile(r))
-            except Exception as e:  # noqa: BLE001 - keeping a tile is a convenience; the fit goes on
-                log.warning("%s: tile %s could not be kept for resume: %s", img.problem.source or img.problem.name,
-                            q.meta["tile"], e)
         img.merger.add(r)
         if img.merger.done:
             yield img.problem, self.finish(img)
+
+    def keep(self, p: Problem, q: Problem, r: Result) -> None:
+        """Hand a finished tile to ``on_tile`` (before the merge, which drops its pixels)."""
+        from pipeline.tiling import encode_tile
+        try:
+            self.on_tile(p, int(q.meta["tile"]), encode_tile(r))
+        except Exception as e:  # noqa: BLE001 - keeping a tile is a convenience; the fit goes on
+            log.warning("%s: tile %s could not be kept for resume: %s", p.source or p.name, q.meta["tile"], e)
 
     def finish(self, img: _Image) -> TiledResult:
         r = img.merger.finish(0.0 if img.t0 is None else time.perf_counter() - img.t0, str(self.dev))

@@ -33,6 +33,9 @@ def test_study_smoke_two_tiny_crops_then_resume(tmp_path, capsys):
         assert r["steps"] == 60 + 6  # the cap, and the distillation a real run would add (a tenth)
         assert r["gflop"] == pytest.approx(r["gflop_per_step"] * r["steps"], rel=1e-3)
         assert r["auto_psnr"] and r["oracle_psnr"] and r["cpu_s"] > 0
+        m = r["members"][0]  # what a rule on the data term can be replayed on: the loss at every check
+        assert [s for s, _l in m["loss_trace"]] == [s for s, *_ in m["metric_trace"]] and m["sigma_est"] > 0.05
+        assert m["loss_trace"] and all(0 < x < 0.1 for _s, x in m["loss_trace"])  # an MSE of [0, 1] images
     paper = {r["image"]: r for r in rows if r["variant"] == "paper"}
     light = {r["image"]: r for r in rows if r["variant"] == "w32"}
     assert all(light[i]["gflop"] < paper[i]["gflop"] / 10 for i in paper)  # 32 channels: ~1/16 of the work

@@ -394,7 +394,8 @@ def _fit_row(suite: str, case, v: Variant, margin: int | None, seed0: int, max_s
                         "oracle_step": r["oracle_step"], "ran": ran, "steps": real,
                         "gflop": round(per * real, 2), "cpu_s_ran": round(cpu, 2),
                         "cpu_s": round(cpu * real / max(ran, 1), 2),
-                        "var_trace": r["var_trace"], "metric_trace": r["metric_trace"]})
+                        "var_trace": r["var_trace"], "metric_trace": r["metric_trace"],
+                        **_data_term_trace(r)})
         imgs[k] = {kind: _flipped(a, k) for kind, a in images[case.name].items()} if v.flip else images[case.name]
         params, gflop_per_step = r["work"]["params"], per
         if key:
@@ -415,6 +416,16 @@ def _fit_row(suite: str, case, v: Variant, margin: int | None, seed0: int, max_s
             return round(psnr(torch.from_numpy(a).permute(2, 0, 1), ref, y_border), 4)
         row.update(auto_psnr=mean_of("auto"), oracle_psnr=mean_of("oracle"))
     return row
+
+
+def _data_term_trace(r: dict) -> dict:
+    """The data term at every check of a run_suite row (the mean of the 10 losses up to the check), and the
+    noise level estimated from the degraded image: what a rule using the discrepancy principle can be
+    replayed on (``loss_trace`` [[step, loss]], ``sigma_est``)."""
+    loss = r.get("loss") or []
+    trace = [[int(st), float(f"{sum(loss[max(0, st - 10):st]) / len(loss[max(0, st - 10):st]):.5g}")]
+             for st, *_ in r.get("metric_trace", []) if 0 < int(st) <= len(loss)]
+    return {"loss_trace": trace, **({"sigma_est": r["sigma_est"]} if "sigma_est" in r else {})}
 
 
 def _tiles_of(suite: str, case, v: Variant) -> int:
