@@ -72,6 +72,13 @@ class StopConfig:
                reaches its cap without the variance rule firing returns that image instead of its last.
                Gaussian noise only (denoising); see docs/stopping.md.
     discrepancy_smooth: steps of the data term averaged (it jitters from step to step with the input noise)
+    floor:     a noise-aware floor under the variance rule (0 = off): its stop waits until the data term
+               (averaged as for ``discrepancy``) has reached ``floor * sigma^2``; when that happens after the
+               image the rule chose, the image of that check is returned instead. On a lightly noisy image the
+               variance knee comes before the fit has taken all the detail it can (docs/efficiency.md,
+               "Across noise levels"); on a noisy one the level is reached earlier and changes nothing.
+               Gaussian noise only, like ``discrepancy``.
+    floor_wait: the most checks the stop waits for the floor after the rule fired; then the rule's image
     """
 
     window: int = 4
@@ -84,6 +91,8 @@ class StopConfig:
     lag: int = 0
     discrepancy: float = 0.0
     discrepancy_smooth: int = 50
+    floor: float = 0.0
+    floor_wait: int = 20
 
     def __post_init__(self):
         if self.window < 2:
@@ -108,6 +117,10 @@ class StopConfig:
             raise ValueError(f"discrepancy must be a factor >= 0 (0 = off), not {self.discrepancy}")
         if self.discrepancy_smooth < 1:
             raise ValueError("discrepancy_smooth must be at least 1 step")
+        if not (self.floor >= 0.0 and math.isfinite(self.floor)):
+            raise ValueError(f"floor must be a factor >= 0 (0 = off), not {self.floor}")
+        if self.floor_wait < 0:
+            raise ValueError("floor_wait must be >= 0 checks")
 
     def replace(self, **kw) -> "StopConfig":
         return dataclasses.replace(self, **kw)
@@ -160,12 +173,42 @@ def choose_from_trace(trace, config: StopConfig) -> tuple[int | None, int | None
     return _lagged(steps, rule.best_step, config.lag), None
 
 
+def choose_with_floor(trace, loss_trace, sigma: float | None, config: StopConfig) -> tuple[int | None, int | None]:
+    """:func:`choose_from_trace` with ``config.floor``, on a recorded data-term trace [(step, loss)] (at every
+    check: the lowest ``discrepancy_smooth``-step average of the losses ending since the previous check, as
+    the live stopper sees it): (chosen step, stop step), as :class:`WMVStopper` would give them."""
+    chosen, stopped = choose_from_trace(trace, config)
+    if not config.floor or sigma is None or stopped is None:
+        return chosen, stopped
+    thr = config.floor * sigma ** 2
+    hit = next((int(s) for s, x in loss_trace if x <= thr), None)
+    if hit is not None and hit <= stopped:
+        return (hit if hit > chosen else chosen), stopped
+    last = stopped + config.floor_wait * config.check_every
+    if hit is not None and hit <= last:
+        return hit, hit
+    return chosen, last
+
+
 def _lagged(steps: list[int], step: int | None, lag: int) -> int | None:
     """The check ``lag`` checks before ``step`` among the recorded ``steps``."""
     if step is None or not lag:
         return step
     i = steps.index(step)
     return steps[max(i - lag, 0)]
+
+
+def _reached(loss_hist: torch.Tensor, thr: float | None, k: int, checked: int) -> tuple[bool, int]:
+    """(Has an average of ``k`` consecutive losses ending after step ``checked`` reached ``thr``?, the steps now
+    looked at.) A host sync, only until the first crossing."""
+    n = int(loss_hist.shape[0])
+    new = n - checked
+    if thr is None or n < k or new <= 0:
+        return False, n
+    seg = loss_hist[-(min(new, n - k + 1) + k - 1):].detach().double()
+    c = torch.cat([seg.new_zeros(1), seg.cumsum(0)])
+    means = (c[k:] - c[:-k]) / k
+    return bool((means <= thr).any()), n
 
 
 class WMVStopper:
@@ -190,6 +233,12 @@ class WMVStopper:
         self.fallback_image: torch.Tensor | None = None
         self.fallback_step: int | None = None
         self._checked_loss = 0  # steps of the data term already looked at by the discrepancy test
+        self.floor_step: int | None = None  # the check where the data term reached config.floor * sigma^2
+        self._floor_image: torch.Tensor | None = None
+        self._floor_checked = 0
+        self._fired_at: int | None = None  # the variance rule fired here, and waits for the floor
+        self._floor_used = False  # the result is the floor's image
+        self._stopped_at: int | None = None
         self._rule = _Rule(self.config)
         self._window: list[torch.Tensor] = []
         self.trace: list[tuple[int, float]] = []  # [(step, VAR)], raw (before any smoothing)
@@ -216,7 +265,7 @@ class WMVStopper:
 
     @property
     def stopped_at(self) -> int | None:
-        return self._rule.stopped_at
+        return self._stopped_at
 
     @torch.no_grad()
     def update(self, step: int, image: torch.Tensor, loss_hist: torch.Tensor | None = None) -> bool:
@@ -229,6 +278,18 @@ class WMVStopper:
         if loss_hist is not None and self.fallback_image is None and self._discrepancy_reached(loss_hist):
             self.fallback_image = x
             self.fallback_step = self.last_step
+        if loss_hist is not None and self.floor_step is None and self.floor_level is not None:
+            reached, self._floor_checked = _reached(loss_hist, self.floor_level, cfg.discrepancy_smooth,
+                                                    self._floor_checked)
+            if reached:
+                self.floor_step, self._floor_image = self.last_step, x
+        if self._fired_at is not None:  # the rule fired before the floor: wait for it, at most floor_wait checks
+            if self.floor_step is not None:
+                self._use_floor()
+                return self._stop()
+            if self.last_step >= self._fired_at + cfg.floor_wait * cfg.check_every:
+                return self._stop()
+            return False
         self._window.append(x)
         self._steps.append(self.last_step)
         if len(self._window) > cfg.window:
@@ -246,9 +307,30 @@ class WMVStopper:
             k = len(self._window) - 1 - cfg.lag
             self.best_image = (mean if cfg.result == "mean" else self._window[k]).clone()
             self._best_image_step = self._steps[k]
-        if stop:
-            self.reason = "auto"
-        return stop
+        if not stop:
+            return False
+        if self.floor_level is not None and self.floor_step is None:
+            self._fired_at = self.last_step
+            self._window = []  # not needed while it waits
+            return cfg.floor_wait == 0 and self._stop()
+        if self.floor_step is not None and self.floor_step > (self._best_image_step or 0):
+            self._use_floor()
+        return self._stop()
+
+    def _use_floor(self) -> None:
+        self.best_image, self._best_image_step, self._floor_used = self._floor_image, self.floor_step, True
+
+    def _stop(self) -> bool:
+        self._stopped_at, self.reason = self.last_step, "auto"
+        self._floor_image = None
+        return True
+
+    @property
+    def floor_level(self) -> float | None:
+        """The data-term level ``floor * sigma^2`` the stop waits for (None when the floor is off)."""
+        if not self.config.floor or self.sigma is None:
+            return None
+        return self.config.floor * self.sigma ** 2
 
     @property
     def threshold(self) -> float | None:
@@ -260,26 +342,22 @@ class WMVStopper:
     def _discrepancy_reached(self, loss_hist: torch.Tensor) -> bool:
         """Has any average of ``discrepancy_smooth`` consecutive losses, among those ending after the
         previous call, reached the threshold? (So the first crossing is found whatever the check interval.)"""
-        thr, k = self.threshold, self.config.discrepancy_smooth
-        n = int(loss_hist.shape[0])
-        new, self._checked_loss = n - self._checked_loss, n
-        if thr is None or n < k or new <= 0:
-            return False
-        seg = loss_hist[-(min(new, n - k + 1) + k - 1):].detach().double()
-        c = torch.cat([seg.new_zeros(1), seg.cumsum(0)])
-        means = (c[k:] - c[:-k]) / k
-        return bool((means <= thr).any())  # a host sync, only until the first crossing
+        reached, self._checked_loss = _reached(loss_hist, self.threshold, self.config.discrepancy_smooth,
+                                               self._checked_loss)
+        return reached
 
     def result_image(self) -> torch.Tensor | None:
-        """The image the fit returns: the rule's if it fired, else the discrepancy fallback, else None."""
-        if self.stopped_at is not None:
+        """The image the fit returns: the rule's if it fired (or the floor's), else the discrepancy fallback,
+        else None."""
+        if self.stopped_at is not None or self._fired_at is not None:
             return self.best_image
         return self.fallback_image
 
     @property
     def result_from(self) -> str:
-        if self.stopped_at is not None:
-            return "variance"
+        if self.stopped_at is not None or self._fired_at is not None:
+            return "floor" if self.floor_step is not None and self._best_image_step == self.floor_step \
+                and self._floor_used else "variance"
         return "discrepancy" if self.fallback_image is not None else "last"
 
     def summary(self) -> dict:
@@ -297,6 +375,9 @@ class WMVStopper:
             "config": self.config.to_dict(),
             "trace": [[int(s), float(f"{v:.6g}")] for s, v in self.trace],
         }
+        if self.floor_level is not None:
+            out["floor"] = {"factor": self.config.floor, "sigma_est": round(float(self.sigma), 6),
+                            "step": self.floor_step, "fired_at": self._fired_at, "used": self._floor_used}
         if self.threshold is not None:
             out["fallback"] = {"rule": "discrepancy", "factor": self.config.discrepancy,
                                "sigma_est": round(float(self.sigma), 6), "step": self.fallback_step,
@@ -460,11 +541,11 @@ def sigma_of_item(item) -> float | None:
 def stopper_for_item(config: StopConfig, item=None) -> WMVStopper | HoldoutStopper:
     """A fresh stopper for one FitItem: a :class:`HoldoutStopper` when the item holds measurements back
     (``val_mask``, FitConfig.holdout), else a WMVStopper; with ``config.discrepancy``, the latter's
-    fallback noise level is estimated from the item's degraded image."""
+    fallback noise level (and ``config.floor``'s) is estimated from the item's degraded image."""
     if item is not None and getattr(item, "val_mask", None) is not None:
         return HoldoutStopper(config, item.target, item.val_mask)
     sigma = None
-    if config.discrepancy and item is not None and getattr(item, "target", None) is not None:
+    if (config.discrepancy or config.floor) and item is not None and getattr(item, "target", None) is not None:
         sigma = sigma_of_item(item)
     return WMVStopper(config, sigma=sigma)
 

@@ -247,6 +247,11 @@ def test_a_result_made_under_another_auto_stop_rule_is_not_taken_as_done(tmp_pat
     assert rec["stop_rule"] == stop_config_for(make_config("denoise", preset="fast")).to_dict()
     assert restore(src, "--out", out, "--steps", "auto", *FAST) == 0  # the same rule: done
     assert manifest(out)["runs"][-1]["counts"]["fitted"] == 0
+    # made before a field was added to the rule (stop 32's floor), at its neutral value: the same rule
+    older = {k: v for k, v in rec["stop_rule"].items() if k not in ("floor", "floor_wait")}
+    (out / "a.json").write_text(json.dumps({**rec, "stop_rule": older}))
+    assert restore(src, "--out", out, "--steps", "auto", *FAST) == 0
+    assert manifest(out)["runs"][-1]["counts"]["fitted"] == 0
     (out / "a.json").write_text(json.dumps({**rec, "stop_rule": {**rec["stop_rule"], "lag": 0}}))
     capsys.readouterr()
     assert restore(src, "--out", out, "--steps", "auto", *FAST) == 1

@@ -443,3 +443,42 @@ def test_a_self_validating_inpainting_fit_stops_on_its_held_back_pixels():
     assert r.stop_reason == "auto" and r.steps == st["stopped_at"] < 400
     assert st["chosen_step"] == min(st["trace"], key=lambda t: t[1])[0]
     assert any(s == st["chosen_step"] for s, _ in r.extra["psnr_trace"])
+
+
+@pytest.mark.parametrize("cross,want", [(300, "knee"), (2000, "floor"), (3900, "knee, waited"), (None, "off")])
+def test_the_noise_floor_defers_the_stop_to_where_the_data_term_reaches_it_and_replays_the_same(cross, want):
+    """``floor``: the variance rule's stop waits (at most ``floor_wait`` checks) until the data term reaches
+    floor * sigma^2, and returns that check's image when it comes after the rule's; a recorded study row
+    (its ``loss_trace``, pipeline.bench.study) replays to the same choice and stop."""
+    from pipeline.bench.study import _data_term_trace
+    from pipeline.stopping import choose_with_floor
+    ts, imgs, _errs = _synthetic(800, steps=4000, seed=5)
+    n = 4000
+    at = n + 1 if cross is None else cross
+    loss = torch.tensor([1.0 if t < at - 5 else 0.001 for t in range(1, n + 1)])  # reaches sigma^2 at `cross`
+    cfg = StopConfig(window=4, patience=6, min_steps=200, check_every=CHECK, rel_tol=0.5, discrepancy_smooth=5,
+                     floor=1.0 if cross is not None else 0.0, floor_wait=20)
+    st = WMVStopper(cfg, sigma=0.1)
+    stopped = None
+    for t, x in zip(ts, imgs):
+        if st.update(int(t), x, loss[:t]):
+            stopped = int(t)
+            break
+    plain, plain_stop = choose_from_trace(st.trace, cfg.replace(floor=0.0))
+    assert plain_stop is not None and 300 < plain_stop < 2000  # the knee comes between the crossings
+    if want in ("floor", "knee, waited"):
+        assert st.summary()["floor"]["fired_at"] == plain_stop  # where the rule fired and began to wait
+    if want == "knee":  # reached before the rule fired: nothing changes
+        assert stopped == plain_stop and st.best_step == plain and st.result_from == "variance"
+    elif want == "floor":
+        assert stopped == 2000 == st.best_step and st.result_from == "floor"
+        assert torch.equal(st.result_image(), imgs[list(ts).index(2000)])
+    elif want == "knee, waited":  # not within floor_wait checks: the rule's image, 20 checks late
+        assert stopped == plain_stop + 20 * CHECK and st.best_step == plain and st.result_from == "variance"
+    else:
+        assert stopped == plain_stop and "floor" not in st.summary()
+    row = {"loss": loss[:stopped].tolist(), "metric_trace": [[int(t), 0.0, None] for t in ts if t <= stopped]}
+    trace = _data_term_trace(row, smooth=5)["loss_trace"]
+    assert choose_with_floor(st.trace, trace, 0.1, cfg) == (st.best_step, stopped)
+    with pytest.raises(ValueError, match="floor"):
+        StopConfig(floor=-0.5)

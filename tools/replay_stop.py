@@ -70,34 +70,28 @@ def main(argv=None) -> int:
             print(f"    {g}: gap {gap:+.3f} dB, stop at {st:.0f}")
         with_loss = [(r, k) for r, k in rs if r["members"][k].get("loss_trace") and r["members"][k].get("sigma_est")]
         if with_loss:
-            print(f"  the discrepancy principle ({len(with_loss)} fits with a data-term trace): the image where "
-                  f"the data term first reaches d * sigma_est^2, or the variant's rule's if that is later")
-            for d in DISCREPANCY_GRID:
-                got = [discrepancy_replay(r, base, k, d) for r, k in with_loss]
-                for j, name in ((0, "alone"), (1, "or later")):
-                    gap = sum(g[j][0] - g[j][1] for g in got) / len(got)
-                    print(f"    d={d:<4} {name:8}: gap {gap:+.3f} dB, stop at {sum(g[j][2] for g in got) / len(got):.0f}")
+            print(f"  with the noise floor (StopConfig.floor; {len(with_loss)} fits with a data-term trace):")
+            for f, wait in itertools.product(FLOOR_GRID, (10, 20)):
+                got = [floor_replay(r, base.replace(floor=f, floor_wait=wait), k) for r, k in with_loss]
+                gap = sum(p - b for p, b, _s in got) / len(got)
+                print(f"    floor {f:<4} wait {wait:2}: gap {gap:+.3f} dB, stop at {sum(x[2] for x in got) / len(got):.0f}")
     return 0
 
 
-DISCREPANCY_GRID = (0.9, 1.0, 1.1, 1.2, 1.3, 1.5)
+FLOOR_GRID = (0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.5)
 
 
-def discrepancy_replay(row: dict, cfg, member: int, d: float):
-    """((psnr, oracle, stop) of the discrepancy principle alone, and of the later of it and the rule's choice)
-    for one fit: the first check whose data term (``loss_trace``) is at most d * sigma_est^2 (the fit's end
-    when it never is)."""
+def floor_replay(row: dict, cfg, member: int) -> tuple[float, float, int]:
+    """(PSNR of the image chosen with ``cfg.floor``, the oracle PSNR, the stop step) of one fit, from its
+    ``loss_trace`` and ``sigma_est`` (pipeline.stopping.choose_with_floor)."""
+    from pipeline.stopping import choose_with_floor
     m = row["members"][member]
     by_step = {int(s): p for s, p, _pm in m["metric_trace"]}
-    best, last_step = max(by_step.values()), max(by_step)
-    thr = d * m["sigma_est"] ** 2
-    hit = next((int(s) for s, loss in m["loss_trace"] if loss <= thr and int(s) in by_step), last_step)
-    rule_psnr, _b, rule_stop = replay(row, cfg, member)
-    from pipeline.stopping import choose_from_trace
-    chosen, _st = choose_from_trace(m["var_trace"], cfg)
-    later = max(hit, chosen or 0)
-    return ((by_step[hit], best, hit),
-            (by_step.get(later, rule_psnr), best, max(rule_stop, hit)))
+    best, last = max(by_step.values()), max(by_step)
+    chosen, stopped = choose_with_floor(m["var_trace"], m["loss_trace"], m["sigma_est"], cfg)
+    if stopped is None:
+        return by_step[last], best, m["ran"]
+    return by_step.get(chosen, by_step[last]), best, stopped
 
 
 if __name__ == "__main__":

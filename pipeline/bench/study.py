@@ -418,13 +418,21 @@ def _fit_row(suite: str, case, v: Variant, margin: int | None, seed0: int, max_s
     return row
 
 
-def _data_term_trace(r: dict) -> dict:
-    """The data term at every check of a run_suite row (the mean of the 10 losses up to the check), and the
-    noise level estimated from the degraded image: what a rule using the discrepancy principle can be
-    replayed on (``loss_trace`` [[step, loss]], ``sigma_est``)."""
-    loss = r.get("loss") or []
-    trace = [[int(st), float(f"{sum(loss[max(0, st - 10):st]) / len(loss[max(0, st - 10):st]):.5g}")]
-             for st, *_ in r.get("metric_trace", []) if 0 < int(st) <= len(loss)]
+def _data_term_trace(r: dict, smooth: int = 50) -> dict:
+    """The data term as the live rule sees it at every check of a run_suite row: the lowest average of
+    ``smooth`` consecutive losses among those ending since the previous check (so a level is first reached
+    at the same check as pipeline.stopping's discrepancy test finds it), and the noise level estimated from
+    the degraded image: what a rule using the discrepancy principle can be replayed on (``loss_trace``
+    [[step, loss]], ``sigma_est``)."""
+    import numpy as np
+    loss = np.asarray(r.get("loss") or [], np.float64)
+    trace, prev = [], 0
+    avg = np.convolve(loss, np.ones(smooth) / smooth, mode="valid") if len(loss) >= smooth else np.zeros(0)
+    for st, *_ in r.get("metric_trace", []):  # avg[i] ends at step i + smooth
+        seg = avg[max(prev, smooth) - smooth:max(0, int(st) - smooth + 1)]
+        prev = int(st) + 1
+        if seg.size:
+            trace.append([int(st), float(f"{seg.min():.5g}")])
     return {"loss_trace": trace, **({"sigma_est": r["sigma_est"]} if "sigma_est" in r else {})}
 
 

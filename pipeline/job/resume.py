@@ -101,8 +101,10 @@ def _stop_rule_changed(old: dict, cfg) -> bool:
     made with it (as before). Only asked when the job hash matches, so auto-stop is on for both."""
     if not isinstance(old, dict) or not isinstance(old.get("stop_rule"), dict):
         return False
-    from pipeline.stopping import stop_config_for
-    return old["stop_rule"] != stop_config_for(cfg).to_dict()
+    from pipeline.stopping import StopConfig, stop_config_for
+    now = stop_config_for(cfg).to_dict()
+    neutral = StopConfig().to_dict()  # a field added since (e.g. floor, stop 32) was at its neutral default
+    return {**{k: neutral[k] for k in now if k not in old["stop_rule"] and k in neutral}, **old["stop_rule"]} != now
 
 
 def _done_before(it: Input, opts: JobOptions, manifest: JobManifest, out: Path, prev: dict, rec: dict,
