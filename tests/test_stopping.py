@@ -482,3 +482,25 @@ def test_the_noise_floor_defers_the_stop_to_where_the_data_term_reaches_it_and_r
     assert choose_with_floor(st.trace, trace, 0.1, cfg) == (st.best_step, stopped)
     with pytest.raises(ValueError, match="floor"):
         StopConfig(floor=-0.5)
+
+
+def test_the_replay_tool_replays_the_rule_each_recorded_fit_ran_under():
+    """tools/replay_stop.py must start from the variant's own preset rule (denoise-lite: patience 4, rel_tol
+    0.7, lag 0), not the task's default: replayed on a committed study file (six-member rows of denoise-lite
+    at sigma 15 and 50, the noise floor's tuning rows), it must give every member's recorded stop and image."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    from pipeline.bench.study import variants_for
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("replay_stop", root / "tools" / "replay_stop.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rows = [json.loads(x) for x in (root / "docs/study/study_floor_s32a.jsonl").read_text().splitlines()]
+    (v,) = variants_for("denoise", ["denoise-lite"])
+    rule = tool.variant_rule("denoise", v)
+    assert (rule.patience, rule.rel_tol, rule.lag) == (4, 0.7, 0)
+    fits = [(r, k) for r in rows for k in range(len(r["members"]))]
+    assert len(fits) == 36 and all(tool.agrees(r, rule, k) for r, k in fits)
+    task_rule = rule.replace(patience=8, rel_tol=0.5, lag=1)  # what the tool replayed before stop 33
+    assert sum(tool.agrees(r, task_rule, k) for r, k in fits) < len(fits) // 2

@@ -6,7 +6,9 @@ Every study row keeps, per fit, the raw VAR trace of the rule (every 50 steps) a
 image (pipeline.bench.study): the rule's choice under another rel_tol / patience / lag is then exact for a
 single fit. An ensemble's mean image is not recorded: ``--members`` replays each member of its rows on its
 own (the gap of a member's image, a proxy for the ensemble's). Prints, per variant, the mean gap to the oracle
-and the mean stop step of every setting of the grid, best first, and the current rule's.
+and the mean stop step of every setting of the grid, best first, and the current rule's. The grid
+starts from the rule the variant's fits ran under (its preset's, with its overrides), and the tool
+first checks that replaying that rule gives the stop each fit recorded.
 """
 from __future__ import annotations
 
@@ -45,8 +47,6 @@ def main(argv=None) -> int:
                                                 "authors' sigma=25 images)")
     a = ap.parse_args(argv)
     from pipeline.bench.study import variants_for
-    from pipeline.config import make_config
-    from pipeline.stopping import stop_config_for
     rows = [json.loads(x) for f in a.jsonl for x in Path(f).read_text().splitlines() if x.strip()]
     grid = [dict(rel_tol=t, patience=p, lag=g) for t, p, g in
             itertools.product((0.3, 0.5, 0.7, 0.8), (4, 6, 8, 12), (0, 1))]
@@ -57,7 +57,9 @@ def main(argv=None) -> int:
         if not rs:
             print(f"{v.name}: no {'' if a.members else 'single-fit '}rows")
             continue
-        base = stop_config_for(make_config({"sr": "sr", "inpaint": "inpaint"}.get(a.suite, "denoise")), **v.stop)
+        base = variant_rule(a.suite, v)
+        same = sum(agrees(r, base, k) for r, k in rs)
+        print(f"{v.name}: the replay of its own rule gives each fit's recorded stop in {same} of {len(rs)} fits")
         res = []
         for g in grid + [{}]:
             cfg = base.replace(**g)
@@ -79,6 +81,30 @@ def main(argv=None) -> int:
 
 
 FLOOR_GRID = (0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.5)
+
+
+def variant_rule(suite: str, v):
+    """The StopConfig a study variant's fits ran under: its preset's rule (not the task's default), with the
+    variant's own overrides, as pipeline.bench.quality.run_suite builds it."""
+    from pipeline.bench.cases import SR_SCALE, SUITE_PRESETS, SUITE_TASKS
+    from pipeline.config import make_config
+    from pipeline.stopping import stop_config_for
+    kw = {"scale": SR_SCALE} if suite == "sr" else {}
+    kw.update({f: v.over[f] for f in ("output",) if f in v.over})  # "last" has no lag
+    cfg = make_config(SUITE_TASKS[suite], preset=v.preset or SUITE_PRESETS[suite], **kw)
+    return stop_config_for(cfg, **v.stop)
+
+
+def agrees(row: dict, cfg, member: int = 0) -> bool:
+    """Whether replaying ``cfg`` on a fit's recorded traces gives the step that fit stopped at and the
+    image it chose (``stopped_at``, ``auto_step``): the check that a replay replays what ran."""
+    from pipeline.stopping import choose_from_trace, choose_with_floor
+    m = row["members"][member]
+    if cfg.floor and m.get("loss_trace"):
+        chosen, stopped = choose_with_floor(m["var_trace"], m["loss_trace"], m["sigma_est"], cfg)
+    else:
+        chosen, stopped = choose_from_trace(m["var_trace"], cfg)
+    return stopped is not None and (stopped, chosen) == (m["stopped_at"], m["auto_step"])
 
 
 def floor_replay(row: dict, cfg, member: int) -> tuple[float, float, int]:

@@ -169,6 +169,10 @@ CANDIDATES = [
     _v("dl-whole", "denoise-lite fitted whole, not as 64^2 tiles", preset="denoise-lite", k=2, ensemble=1,
        tile=0),
     _v("dl-t128", "denoise-lite as 128^2 tiles", preset="denoise-lite", k=2, ensemble=1, tile=128),
+    # the noise floor under the light rule (StopConfig.floor), chosen by the rule written down before its rows
+    # ran: replayed member by member on the tune crops at sigma 15, 25 and 50 (docs/efficiency.md)
+    _v("dl-floor10", "denoise-lite whose stop waits for the data term to reach sigma_est^2 (10 checks at most)",
+       preset="denoise-lite", k=6, stop={"floor": 1.0, "floor_wait": 10}, ensemble=1),
     # inpainting's paper preset (lr 0.001, 11000 steps) is ten times slower than the others: its schedule at
     # the others' pace, with the inpainting rule's time scales for lr 0.01 (pipeline.stopping)
     _v("i-fast", "lr 0.01, 3000 steps at most", lr=0.01, steps=3000, stop=INPAINT_RULE),
