@@ -36,6 +36,11 @@ class TileError(RuntimeError):
     pass
 
 
+class TilesPending(RuntimeError):
+    """A ``tile_part`` run of an image has fitted its share; the image's other fits are other parts'. Not a
+    failure: its fits went to ``on_tile``, and a run without a part, given them all, merges the image."""
+
+
 def _canvas(cfg, h: int, w: int) -> tuple[int, int]:
     """The canvas of an h x w input (output pixels)."""
     return canvas_for(cfg, h * cfg.factor, w * cfg.factor)
@@ -84,6 +89,7 @@ class _Image:
     failed: bool = False
     started: bool = False  # on_start was called for it
     units: int = 0  # units handed out whose result has not come back
+    others: int = 0  # fits left to the image's other parts (Problem.tile_part)
 
 
 @dataclass
@@ -208,11 +214,16 @@ class _Tiler(Feed):
         if kept:
             img.merger.kept = len(kept)
             tps = [q for q in tps if q.meta["tile"] in img.merger.pending]
+        if p.tile_part is not None:
+            i, n = p.tile_part
+            mine = [q for q in tps if q.meta["tile"] % n == i]
+            img.others = len(tps) - len(mine)
+            tps = mine
         log.info("%s: %d tiles of %d px (overlap %d; %d fits each), %d copied%s", p.source or p.name,
                  len(lay.tiles) // lay.ensemble, t, lay.overlap, lay.ensemble, len(lay.copied),
                  f", {len(kept)} of {len(kept) + len(tps)} fits kept from a stopped run" if kept else "")
         if not tps:
-            return [Ready(p, _Final(self.finish(img)))]
+            return [Ready(p, _Final(self.pending(img) if img.others else self.finish(img)))]
         n = next(self.numbers)
         self.images[n] = img
         img.units = len(tps)
@@ -301,6 +312,8 @@ class _Tiler(Feed):
         img.merger.add(r)
         if img.merger.done:
             yield img.problem, self.finish(img)
+        elif not img.units and img.others:
+            yield img.problem, self.pending(img)
 
     def keep(self, p: Problem, q: Problem, r: Result) -> None:
         """Hand a finished tile to ``on_tile`` (before the merge, which drops its pixels)."""
@@ -309,6 +322,15 @@ class _Tiler(Feed):
             self.on_tile(p, int(q.meta["tile"]), encode_tile(r))
         except Exception as e:  # noqa: BLE001 - keeping a tile is a convenience; the fit goes on
             log.warning("%s: tile %s could not be kept for resume: %s", p.source or p.name, q.meta["tile"], e)
+
+    def pending(self, img: _Image) -> TilesPending:
+        """The end of a ``tile_part`` run of an image: its share is fitted, the rest is other parts'."""
+        i, n = img.problem.tile_part
+        lay = img.merger.layout
+        img.merger = None
+        return TilesPending(f"part {i + 1} of {n} done: {len(lay.tiles) - len(lay.copied) - img.others} of "
+                            f"{len(lay.tiles) - len(lay.copied)} fits kept, {img.others} left to the other "
+                            f"parts; a run without a part merges them")
 
     def finish(self, img: _Image) -> TiledResult:
         r = img.merger.finish(0.0 if img.t0 is None else time.perf_counter() - img.t0, str(self.dev))

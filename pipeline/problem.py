@@ -53,6 +53,10 @@ class Problem:
     # a tiled image's tiles fitted by an earlier, stopped run (pipeline.tiling.encode_tile's bytes, read from
     # a TileStore): fit_tiled merges those whose key still matches instead of fitting them again
     kept_tiles: list = field(default_factory=list, repr=False)
+    # (i, n): fit only the fits (tiles and ensemble members) of this image whose index is i mod n, for
+    # several processes to share one large image; each hands its fits to fit_tiled's ``on_tile`` and ends
+    # the image with TilesPending, and a run without a part merges all the kept fits
+    tile_part: tuple[int, int] | None = None
 
     @property
     def factor(self) -> int:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline.api import make_problem
-from pipeline.fit import fit_tiled
+from pipeline.fit import TilesPending, fit_tiled
 from pipeline.tiling import TileStore, decode_tile, encode_tile, split
 
 TINY = {"input_depth": 8, "channels_down": (8, 16, 32, 32), "channels_up": (8, 16, 32, 32)}
@@ -74,6 +74,29 @@ def test_a_stopped_tiled_fit_goes_on_from_its_last_tile_and_gives_the_same_image
     assert [t["steps"] for t in r.record()["tiling"]["tiles"]] == [t["steps"] for t in
                                                                     whole.record()["tiling"]["tiles"]]
     assert p.kept_tiles == []  # consumed
+
+
+def test_an_image_shared_by_two_parts_merges_into_the_same_image(tmp_path):
+    """Problem.tile_part: two runs each fit every other fit of the image (as two processes would, side by
+    side) and end it with TilesPending; a run given all their kept fits fits nothing and gives the image
+    one run gives."""
+    whole = fit(scan())
+    store = TileStore(tmp_path / "scan")
+    for i in (0, 1):
+        p = scan()
+        p.tile_part = (i, 2)
+        fitted = []
+        (_q, r), = list(fit_tiled([p], device="cpu", slots=1, tile=32, overlap=8, auto=False,
+                                  on_tile=lambda _p, k, blob: (fitted.append(k), store.save(k, blob))))
+        assert isinstance(r, TilesPending) and f"part {i + 1} of 2 done" in str(r)
+        assert fitted == [k for k in range(8) if k % 2 == i]
+    p = scan()
+    p.kept_tiles = store.load()
+    fitted = []
+    r = fit(p, on_tile=lambda _p, k, _b: fitted.append(k))
+    assert fitted == [] and r.extra["tiling"]["kept"] == 8
+    np.testing.assert_array_equal(r.image.pixels, whole.image.pixels)
+    assert r.extra["work"] == whole.extra["work"]
 
 
 def test_kept_tiles_of_another_fit_or_damaged_are_fitted_again(tmp_path):
@@ -148,3 +171,32 @@ def test_the_study_keeps_a_tiled_rows_tiles_until_the_row_is_written(tmp_path, m
     assert row["kept_tiles"] == 3 and row["runs"] == 2 and row["cpu_s"] >= 100.0
     assert row["auto_psnr"] == first["auto_psnr"] and row["gflop"] == first["gflop"]
     assert not store.folder.exists() and not tiles.exists()
+
+
+def test_the_study_shares_a_tiled_row_between_parts_and_merges_it(tmp_path, monkeypatch):
+    """`dip bench study --tile-part I/N`: a part keeps its share and its CPU seconds and writes no row (nor
+    the rows that are not tiled); the part that finds the other shares kept (here the second, run after the
+    first; side by side, a run without a part) merges them into the row a single run gives."""
+    from pipeline.bench import study
+    from pipeline.bench.quality import load_cases, paper_dir
+    (case,) = load_cases("denoise", paper_dir(None), crop=40, only=["F16"])
+    v = study.Variant("t", "fast", {"tile": 24, "net": TINY, "steps": 3}, k=2)
+    small = study.Variant("s", "fast", {"net": TINY, "steps": 3}, k=1)  # 40^2 fitted whole: not tiled
+    first = study._tiled_row("denoise", case, v, 0, None)
+    out = tmp_path / "rows.jsonl"
+    store = TileStore(tmp_path / "rows.tiles" / study._tiles_key("denoise", case, v, 0))
+    monkeypatch.setattr(study, "variants_for", lambda suite, names: [v, small])
+    assert study.run(["denoise"], "tune", None, 40, out, images=["F16"], margin=0, tile_part=(0, 2)) == 0
+    assert study.read_rows(out) == [] and len(store.load()) == 4
+    assert [f.name for f in store.folder.glob("cpu*.json")] == ["cpu-0of2.json"]
+    assert study.run(["denoise"], "tune", None, 40, out, images=["F16"], margin=0, tile_part=(1, 2)) == 0
+    (row,) = study.read_rows(out)
+    assert row["variant"] == "t" and row["kept_tiles"] == 4 and row["runs"] == 2
+    assert row["auto_psnr"] == first["auto_psnr"] and row["gflop"] == first["gflop"]
+    assert not store.folder.exists()
+    assert study.run(["denoise"], "tune", None, 40, out, images=["F16"], margin=0) == 0
+    assert [r["variant"] for r in study.read_rows(out)] == ["t", "s"]  # the untiled row: the run without a part
+    assert study.parse_part("2/3") == (1, 3)
+    for bad in ("0/2", "3/2", "x"):
+        with pytest.raises(ValueError, match="--tile-part"):
+            study.parse_part(bad)

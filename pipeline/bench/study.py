@@ -460,37 +460,54 @@ def _tiles_key(suite: str, case, v: Variant, seed: int) -> str:
     return f"{case.name}-{v.name}-{h.hexdigest()[:16]}"
 
 
-def _tiled_row(suite: str, case, v: Variant, seed0: int, tiles: Path | None = None) -> dict:
+def _tiled_row(suite: str, case, v: Variant, seed0: int, tiles: Path | None = None,
+               part: tuple[int, int] | None = None) -> dict | None:
     """Fit ``case`` as the product does when the variant's preset tiles it (FitConfig.tile): through
     pipeline.fit.fit_tiled, every tile and member its own fit and stop, the distillation run. Only the
     auto-stopped PSNR: there is no oracle step (each tile has its own), so ``oracle_psnr`` is None.
 
     With ``tiles`` (a folder), each finished tile is kept there (pipeline.tiling.TileStore) with the CPU
     seconds so far, so a stopped run goes on from its last tile; the row's ``cpu_s`` then adds up the runs
-    (``runs``, ``kept_tiles``), and the folder is removed once the row is complete."""
+    (``runs``, ``kept_tiles``), and the folder is removed once the row is complete.
+
+    With ``part`` (i, n) and ``tiles``: only the fits whose index is i mod n (Problem.tile_part), kept with
+    the part's own CPU seconds (``cpu-<i>of<n>.json``); returns None. n such runs side by side share one
+    image, and a run without a part then merges every kept fit into the row, adding up all the seconds."""
     import torch
     from pipeline.bench.quality import _problems, _ref_tensor, psnr
     from pipeline.fit import fit_tiled
     from pipeline.tiling import TileStore
     over = {k: x for k, x in v.over.items() if k != "ensemble"}  # the preset's own K members, as tiles
     (p,) = _problems(suite, [case], v.preset, False, None, seed0, {**over, "ensemble": v.k})
+    if part and not tiles:
+        raise ValueError("a tile part needs a folder to keep its fits in")
     store = TileStore(tiles / _tiles_key(suite, case, v, seed0)) if tiles else None
-    before = {"cpu_s": 0.0, "runs": 0}
+    mine = "cpu.json" if part is None else f"cpu-{part[0]}of{part[1]}.json"  # this run's seconds (and its kind's)
+    before, others = {"cpu_s": 0.0, "runs": 0}, {"cpu_s": 0.0, "runs": 0}
     if store is not None:
         p.kept_tiles = store.load()
-        if p.kept_tiles and (store.folder / "cpu.json").is_file():
-            before = json.loads((store.folder / "cpu.json").read_text())
+        for f in sorted(store.folder.glob("cpu*.json")) if p.kept_tiles else ():
+            got = json.loads(f.read_text())
+            into = before if f.name == mine else others
+            into["cpu_s"] += got["cpu_s"]
+            into["runs"] += got["runs"]
+    p.tile_part = part
     t0 = time.process_time()
 
     def keep(_p, index: int, blob: bytes) -> None:
         store.save(index, blob)  # the tile first, then the seconds that include it
-        (store.folder / "cpu.json").write_text(json.dumps(
+        (store.folder / mine).write_text(json.dumps(
             {"cpu_s": before["cpu_s"] + time.process_time() - t0, "runs": before["runs"] + 1}))
 
+    from pipeline.fit import TilesPending
     for _q, r in fit_tiled([p], device="cpu", slots=1, auto=False, on_tile=keep if store else None):
+        if isinstance(r, TilesPending):
+            log.info("%s/%s/%s: %s", suite, v.name, case.name, r)
+            return None
         if isinstance(r, Exception):
             raise r
-    cpu = before["cpu_s"] + time.process_time() - t0
+    cpu = others["cpu_s"] + before["cpu_s"] + time.process_time() - t0
+    before["runs"] += others["runs"]
     kept = int(r.extra["tiling"].get("kept", 0))
     w = r.extra["work"]
     unit_steps = sorted(int(t["steps"]) for t in r.extra["tiling"]["tiles"] if "steps" in t)
@@ -505,7 +522,7 @@ def _tiled_row(suite: str, case, v: Variant, seed0: int, tiles: Path | None = No
 # ---- the run --------------------------------------------------------------------------------------------
 def run(suites, part: str, names, crop: int, out: Path, sigma: float | None = None, margin: int | None = 1000,
         seed: int = 0, data=None, max_steps: int | None = None, images: list[str] | None = None,
-        cache: Path | None = None) -> int:
+        cache: Path | None = None, tile_part: tuple[int, int] | None = None) -> int:
     from pipeline.bench.quality import load_cases, paper_dir
     root = paper_dir(data)
     done = {row_key(r) for r in read_rows(out)}
@@ -526,11 +543,16 @@ def run(suites, part: str, names, crop: int, out: Path, sigma: float | None = No
                        "part": "tune" if c.name in SPLIT[suite]["tune"] else "held", "note": v.note,
                        "preset": v.preset, "over": v.over, "stop": v.stop,
                        **({"flip": True} if v.flip else {})}
+                if tile_part and (v.name == ANCHORS[suite] or not _tiles_of(suite, c, v)):
+                    continue  # not tiled: the run without a part does it, once
                 try:
                     if v.name == ANCHORS[suite]:
                         row.update(_anchor_row(suite, c, sigma))
                     elif _tiles_of(suite, c, v):
-                        row.update(_tiled_row(suite, c, v, seed, tiles))
+                        got = _tiled_row(suite, c, v, seed, tiles, tile_part)
+                        if got is None:  # a part's share, kept: the row is the merging run's
+                            continue
+                        row.update(got)
                     else:
                         row.update(_fit_row(suite, c, v, margin, seed, max_steps, cache))
                 except Exception as e:  # noqa: BLE001 - one bad row must not end a study of hours
@@ -703,6 +725,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--table", metavar="JSONL", nargs="+", help="only print the tables of these files")
     p.add_argument("--markdown", action="store_true", help="with --table: as Markdown")
     p.add_argument("--data", default=None)
+    p.add_argument("--tile-part", metavar="I/N", help="a tiled row's share for one of N processes (1..N): fit only "
+                   "the fits whose index is I-1 mod N, keep them beside --out and write no row; a run without "
+                   "it merges the kept fits into the row (rows that are not tiled are left to that run)")
     p.add_argument("--cache", metavar="DIR", help="keep each ensemble member's fit here, and reuse a member fitted "
                    "before with the same everything (on this machine)")
     return p
@@ -711,7 +736,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
 def main(suite: str = "denoise,sr,inpaint", part: str = "tune", variants: str | None = None, crop: int = 64,
          sigma: float | None = None, margin: int = 1000, seed: int = 0, max_steps: int | None = None,
          images: str | None = None, threads: int = 1, out: str = "docs/study/study.jsonl",
-         table: list[str] | None = None, markdown: bool = False, data=None, cache: str | None = None) -> int:
+         table: list[str] | None = None, markdown: bool = False, data=None, cache: str | None = None,
+         tile_part: str | None = None) -> int:
     """`dip bench study` (the options of :func:`build_parser`). Returns the exit code."""
     if table:
         rows = [r for t in ([table] if isinstance(table, str) else table) for r in read_rows(Path(t))]
@@ -734,12 +760,28 @@ def main(suite: str = "denoise,sr,inpaint", part: str = "tune", variants: str | 
     except ValueError as e:
         print(f"dip bench study: {e}", file=sys.stderr)
         return 2
+    try:
+        share = parse_part(tile_part) if tile_part else None
+    except ValueError as e:
+        print(f"dip bench study: {e}", file=sys.stderr)
+        return 2
     path = Path(out)
     rc = run(suites, part, names, crop, path, sigma=sigma, margin=None if margin < 0 else margin, seed=seed,
              data=data, max_steps=max_steps, images=[n.strip() for n in images.split(",")] if images else None,
-             cache=Path(cache) if cache else None)
+             cache=Path(cache) if cache else None, tile_part=share)
     print_tables(read_rows(path))
     return rc
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """``"I/N"`` (1-based, as a user counts processes) -> (I-1, N), fit_tiled's ``Problem.tile_part``."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--tile-part takes I/N, e.g. 1/2, not {text!r}") from None
+    if not 1 <= i <= n:
+        raise ValueError(f"--tile-part {text}: I must be 1 to N")
+    return i - 1, n
 
 
 if __name__ == "__main__":
