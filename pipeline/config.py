@@ -273,6 +273,8 @@ PRESETS: dict[str, FitConfig] = {
     # preset for 0.150 of its work, +0.26 over BM3D (stop 31, the study's d-w24ex6l0; eight such fits scored
     # 30.07 against six's 30.00, within 0.1 dB, so the cheaper; stops 28-30 shipped four fits of 32 channels,
     # d-w32ex4l0: 29.96 for 0.175, held out +0.87 and -0.50 against BM3D).
+    # Since stop 33 each member's stop also waits for its data term to reach the noise level (the rule's noise
+    # floor, pipeline.stopping; d-w24ex6l0f): held out +0.59 dB at sigma 15, +0.09 at 25, the same at 50.
     # Larger images are fitted as 64^2 tiles, the size it was chosen at: whole, the rule stopped 256^2 crops
     # of two tuning images 4.3-5.1 dB below their 64^2 tiles' 27.11 and 30.80 dB (128^2 tiles: 25.69 on
     # baboon), and a whole 512^2 baboon under its noisy input (docs/efficiency.md, "Image size").

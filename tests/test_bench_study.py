@@ -33,6 +33,7 @@ def test_study_smoke_two_tiny_crops_then_resume(tmp_path, capsys):
         assert r["steps"] == 60 + 6  # the cap, and the distillation a real run would add (a tenth)
         assert r["gflop"] == pytest.approx(r["gflop_per_step"] * r["steps"], rel=1e-3)
         assert r["auto_psnr"] and r["oracle_psnr"] and r["cpu_s"] > 0
+        assert r["rule"] == study.variant_rule("denoise", study.variants_for("denoise", [r["variant"]])[0])
         m = r["members"][0]  # what a rule on the data term can be replayed on: the loss at every check
         assert [s for s, _l in m["loss_trace"]] == [s for s, *_ in m["metric_trace"]] and m["sigma_est"] > 0.05
         assert m["loss_trace"] and all(0 < x < 0.1 for _s, x in m["loss_trace"])  # an MSE of [0, 1] images
@@ -48,7 +49,7 @@ def test_study_smoke_two_tiny_crops_then_resume(tmp_path, capsys):
     assert s["w32"]["gflop_ratio"] < 0.1 and s["w32"]["vs_paper_on"] == 2 and "d_anchor" in s["w32"]
 
 
-@pytest.mark.parametrize("preset, variant", [("denoise-lite", "d-w24ex6l0"), ("inpaint-lite", "i-w32lx2c"),
+@pytest.mark.parametrize("preset, variant", [("denoise-lite", "d-w24ex6l0f"), ("inpaint-lite", "i-w32lx2c"),
                                              ("sr4-lite", "l-w32x2")])
 def test_each_light_preset_is_the_study_variant_it_came_from(preset, variant):
     """A light preset, fitted as `dip restore` fits it (config and auto-stop rule), is exactly the study's

@@ -485,22 +485,29 @@ def test_the_noise_floor_defers_the_stop_to_where_the_data_term_reaches_it_and_r
 
 
 def test_the_replay_tool_replays_the_rule_each_recorded_fit_ran_under():
-    """tools/replay_stop.py must start from the variant's own preset rule (denoise-lite: patience 4, rel_tol
-    0.7, lag 0), not the task's default: replayed on a committed study file (six-member rows of denoise-lite
-    at sigma 15 and 50, the noise floor's tuning rows), it must give every member's recorded stop and image."""
+    """tools/replay_stop.py must start from the rule a variant's fits ran under (denoise-lite's of stop 31:
+    patience 4, rel_tol 0.7, lag 0), not the task's default: replayed on a committed study file (six-member
+    rows of denoise-lite at sigma 15 and 50, the noise floor's tuning rows), that rule must give every
+    member's recorded stop and image. Those rows predate the recorded ``rule``; a row that has it is
+    replayed from it."""
     import importlib.util
     import json
     from pathlib import Path
-    from pipeline.bench.study import variants_for
+    from pipeline.bench.study import variant_rule, variants_for
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("replay_stop", root / "tools" / "replay_stop.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     rows = [json.loads(x) for x in (root / "docs/study/study_floor_s32a.jsonl").read_text().splitlines()]
-    (v,) = variants_for("denoise", ["denoise-lite"])
-    rule = tool.variant_rule("denoise", v)
-    assert (rule.patience, rule.rel_tol, rule.lag) == (4, 0.7, 0)
+    (then,) = variants_for("denoise", ["d-w24ex6l0"])  # denoise-lite's rule until stop 33 (no floor)
+    rule = tool.variant_rule("denoise", then)
+    assert (rule.patience, rule.rel_tol, rule.lag, rule.floor) == (4, 0.7, 0, 0.0)
     fits = [(r, k) for r in rows for k in range(len(r["members"]))]
     assert len(fits) == 36 and all(tool.agrees(r, rule, k) for r, k in fits)
     task_rule = rule.replace(patience=8, rel_tol=0.5, lag=1)  # what the tool replayed before stop 33
     assert sum(tool.agrees(r, task_rule, k) for r, k in fits) < len(fits) // 2
+    (now,) = variants_for("denoise", ["denoise-lite"])
+    assert tool.variant_rule("denoise", now, rows).floor == 1.0  # no recorded rule: today's preset's
+    recorded = [{**r, "rule": rule.to_dict()} for r in rows]
+    assert tool.variant_rule("denoise", now, recorded) == rule
+    assert variant_rule("denoise", now) == tool.variant_rule("denoise", now).to_dict()

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         if not rs:
             print(f"{v.name}: no {'' if a.members else 'single-fit '}rows")
             continue
-        base = variant_rule(a.suite, v)
+        base = variant_rule(a.suite, v, [r for r, _k in rs])
         same = sum(agrees(r, base, k) for r, k in rs)
         print(f"{v.name}: the replay of its own rule gives each fit's recorded stop in {same} of {len(rs)} fits")
         res = []
@@ -83,16 +83,15 @@ def main(argv=None) -> int:
 FLOOR_GRID = (0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.5)
 
 
-def variant_rule(suite: str, v):
-    """The StopConfig a study variant's fits ran under: its preset's rule (not the task's default), with the
-    variant's own overrides, as pipeline.bench.quality.run_suite builds it."""
-    from pipeline.bench.cases import SR_SCALE, SUITE_PRESETS, SUITE_TASKS
-    from pipeline.config import make_config
-    from pipeline.stopping import stop_config_for
-    kw = {"scale": SR_SCALE} if suite == "sr" else {}
-    kw.update({f: v.over[f] for f in ("output",) if f in v.over})  # "last" has no lag
-    cfg = make_config(SUITE_TASKS[suite], preset=v.preset or SUITE_PRESETS[suite], **kw)
-    return stop_config_for(cfg, **v.stop)
+def variant_rule(suite: str, v, rows=()):
+    """The StopConfig a study variant's fits ran under: the rule its rows recorded (since stop 33), else its
+    preset's rule today with the variant's overrides (pipeline.bench.study.variant_rule)."""
+    from pipeline.bench.study import variant_rule as today
+    from pipeline.stopping import StopConfig
+    recorded = {json.dumps(r["rule"], sort_keys=True) for r in rows if r.get("rule")}
+    if len(recorded) == 1 and all(r.get("rule") for r in rows):
+        return StopConfig(**json.loads(recorded.pop()))
+    return StopConfig(**today(suite, v))
 
 
 def agrees(row: dict, cfg, member: int = 0) -> bool:

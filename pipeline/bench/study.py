@@ -245,6 +245,10 @@ CANDIDATES = [
     _v("d-w24ex8l0", "eight fits of 24 channels, lag 0", k=8, net=_w(24), stop=ENSEMBLE_RULE, ema_warmup=True),
     _v("d-w24ex6l0", "six fits of 24 channels, lag 0", k=6, net=_w(24), stop=ENSEMBLE_RULE, ema_warmup=True),
     _v("d-w24ex4l0", "four fits of 24 channels, lag 0", k=4, net=_w(24), stop=ENSEMBLE_RULE, ema_warmup=True),
+    # stop 33: the noise floor under the rule (dl-floor10 on the held-out crops: +0.59 dB at sigma 15, +0.09 at
+    # 25, the same images at 50): denoise-lite's rule since then, d-w24ex6l0 with the floor
+    _v("d-w24ex6l0f", "six fits of 24 channels, lag 0, the noise floor 1.0 (10 checks)", k=6, net=_w(24),
+       stop={**ENSEMBLE_RULE, "floor": 1.0, "floor_wait": 10}, ema_warmup=True),
     # after the choice (not part of it): what `--preset denoise-lite --ensemble 2` fits since stop 31
     _v("d-w24ex2l0", "two fits of 24 channels, lag 0", k=2, net=_w(24), stop=ENSEMBLE_RULE, ema_warmup=True),
     _v("d-w16ex16l0", "sixteen fits of 16 channels, lag 0", k=16, net=_w(16), stop=ENSEMBLE_RULE,
@@ -336,10 +340,22 @@ def _anchor_row(suite: str, case, sigma: float | None) -> dict:
     return {"psnr": round(psnr(t, ref), 4), "cpu_s": round(cpu, 3)}
 
 
+def variant_rule(suite: str, v: Variant) -> dict:
+    """The auto-stop rule a variant's fits run under, as a StopConfig dict: its preset's rule (not the
+    task's default), with the variant's own overrides, as pipeline.bench.quality.run_suite builds it."""
+    from pipeline.bench.cases import SR_SCALE, SUITE_PRESETS, SUITE_TASKS
+    from pipeline.config import make_config
+    from pipeline.stopping import stop_config_for
+    kw = {"scale": SR_SCALE} if suite == "sr" else {}
+    kw.update({f: v.over[f] for f in ("output",) if f in v.over})  # "last" has no lag
+    return stop_config_for(make_config(SUITE_TASKS[suite], preset=v.preset or SUITE_PRESETS[suite], **kw),
+                           **v.stop).to_dict()
+
+
 def _member_key(suite: str, case, v: Variant, k: int, margin, seed: int, max_steps) -> str:
-    """What decides member ``k``'s fit, hashed: the case's pixels, the variant's preset, overrides, rule and
-    flip, the seed, margin and cap, and the machine and library versions (a fit repeats bit for bit only
-    on one machine with the same torch)."""
+    """What decides member ``k``'s fit, hashed: the case's pixels, the variant's preset, overrides, rule (the
+    whole rule: a preset's own rule changes too) and flip, the seed, margin and cap, and the machine and
+    library versions (a fit repeats bit for bit only on one machine with the same torch)."""
     import hashlib
     import torch
     from pipeline.config import VERSION
@@ -347,7 +363,8 @@ def _member_key(suite: str, case, v: Variant, k: int, margin, seed: int, max_ste
     for a in (case.image, case.reference, case.mask):
         h.update(b"-" if a is None else a.tobytes() + str(a.shape).encode())
     h.update(json.dumps([suite, case.name, v.preset, v.over, v.stop, bool(v.flip) and k % len(FLIPS), seed, margin,
-                         max_steps, platform.node(), platform.machine(), torch.__version__, VERSION],
+                         max_steps, platform.node(), platform.machine(), torch.__version__, VERSION,
+                         variant_rule(suite, v)],
                         sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 
@@ -409,7 +426,8 @@ def _fit_row(suite: str, case, v: Variant, margin: int | None, seed0: int, max_s
                                                             "gflop_per_step": per}))  # the json last: complete
     row = {"params": params, "gflop_per_step": gflop_per_step, "k": v.k,
            "steps": sum(m["steps"] for m in members), "gflop": round(sum(m["gflop"] for m in members), 2),
-           "cpu_s": round(sum(m["cpu_s"] for m in members), 2), "members": members}
+           "cpu_s": round(sum(m["cpu_s"] for m in members), 2), "members": members,
+           "rule": variant_rule(suite, v)}  # what a replay of its traces must start from
     if v.k == 1:
         row.update(auto_psnr=members[0]["auto_psnr"], oracle_psnr=members[0]["oracle_psnr"])
     else:
