@@ -192,6 +192,7 @@ def test_the_study_shares_a_tiled_row_between_parts_and_merges_it(tmp_path, monk
     assert study.run(["denoise"], "tune", None, 40, out, images=["F16"], margin=0, tile_part=(1, 2)) == 0
     (row,) = study.read_rows(out)
     assert row["variant"] == "t" and row["kept_tiles"] == 4 and row["runs"] == 2
+    assert row["rule"] == study.variant_rule("denoise", v)  # the rule its tiles stopped by
     assert row["auto_psnr"] == first["auto_psnr"] and row["gflop"] == first["gflop"]
     assert not store.folder.exists()
     assert study.run(["denoise"], "tune", None, 40, out, images=["F16"], margin=0) == 0

@@ -534,7 +534,8 @@ def _tiled_row(suite: str, case, v: Variant, seed0: int, tiles: Path | None = No
             "gflop": w["gflop"], "cpu_s": round(cpu, 2), "tile": p.cfg.tile, "fits": w.get("fits"),
             "unit_steps": unit_steps, "auto_psnr": round(psnr(out, _ref_tensor(case.reference),
                                                           4 if suite == "sr" else None), 4),
-            "oracle_psnr": None, **({"kept_tiles": kept, "runs": before["runs"] + 1} if kept else {})}
+            "oracle_psnr": None, "rule": variant_rule(suite, v),
+            **({"kept_tiles": kept, "runs": before["runs"] + 1} if kept else {})}
 
 
 # ---- the run --------------------------------------------------------------------------------------------
