@@ -328,9 +328,8 @@ class _Tiler(Feed):
         i, n = img.problem.tile_part
         lay = img.merger.layout
         img.merger = None
-        return TilesPending(f"part {i + 1} of {n} done: {len(lay.tiles) - len(lay.copied) - img.others} of "
-                            f"{len(lay.tiles) - len(lay.copied)} fits kept, {img.others} left to the other "
-                            f"parts; a run without a part merges them")
+        return TilesPending(f"part {i + 1} of {n} done: {len(lay.fitted) - img.others} of {len(lay.fitted)} "
+                            f"fits kept, {img.others} left to the other parts; a run without a part merges them")
 
     def finish(self, img: _Image) -> TiledResult:
         r = img.merger.finish(0.0 if img.t0 is None else time.perf_counter() - img.t0, str(self.dev))

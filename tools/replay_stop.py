@@ -21,14 +21,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def choose(m: dict, cfg) -> tuple[int | None, int | None]:
+    """(chosen step, stop step) of ``cfg`` on one fit's recorded traces: with ``cfg.floor`` where the fit
+    recorded its data term and noise level (``loss_trace``, ``sigma_est``), else the variance rule alone."""
+    from pipeline.stopping import choose_with_floor
+    loss = m.get("loss_trace") or []
+    return choose_with_floor(m["var_trace"], loss, m.get("sigma_est") if loss else None, cfg)
+
+
 def replay(row: dict, cfg, member: int = 0) -> tuple[float, float, int]:
     """(PSNR of the image the rule chooses, the oracle PSNR, the step it stops at) of one fit of a row (a
     single fit, or one member of an ensemble: its own image, not the ensemble's mean)."""
-    from pipeline.stopping import choose_from_trace
     m = row["members"][member]
     by_step = {int(s): p for s, p, _pm in m["metric_trace"]}
     best = max(by_step.values())
-    chosen, stopped = choose_from_trace(m["var_trace"], cfg)
+    chosen, stopped = choose(m, cfg)
     last = by_step[max(by_step)]
     if stopped is None:  # the rule never fired within the recorded run: the fit went to its end
         return last, best, m["ran"]
@@ -74,7 +81,7 @@ def main(argv=None) -> int:
         if with_loss:
             print(f"  with the noise floor (StopConfig.floor; {len(with_loss)} fits with a data-term trace):")
             for f, wait in itertools.product(FLOOR_GRID, (10, 20)):
-                got = [floor_replay(r, base.replace(floor=f, floor_wait=wait), k) for r, k in with_loss]
+                got = [replay(r, base.replace(floor=f, floor_wait=wait), k) for r, k in with_loss]
                 gap = sum(p - b for p, b, _s in got) / len(got)
                 print(f"    floor {f:<4} wait {wait:2}: gap {gap:+.3f} dB, stop at {sum(x[2] for x in got) / len(got):.0f}")
     return 0
@@ -97,26 +104,9 @@ def variant_rule(suite: str, v, rows=()):
 def agrees(row: dict, cfg, member: int = 0) -> bool:
     """Whether replaying ``cfg`` on a fit's recorded traces gives the step that fit stopped at and the
     image it chose (``stopped_at``, ``auto_step``): the check that a replay replays what ran."""
-    from pipeline.stopping import choose_from_trace, choose_with_floor
     m = row["members"][member]
-    if cfg.floor and m.get("loss_trace"):
-        chosen, stopped = choose_with_floor(m["var_trace"], m["loss_trace"], m["sigma_est"], cfg)
-    else:
-        chosen, stopped = choose_from_trace(m["var_trace"], cfg)
+    chosen, stopped = choose(m, cfg)
     return stopped is not None and (stopped, chosen) == (m["stopped_at"], m["auto_step"])
-
-
-def floor_replay(row: dict, cfg, member: int) -> tuple[float, float, int]:
-    """(PSNR of the image chosen with ``cfg.floor``, the oracle PSNR, the stop step) of one fit, from its
-    ``loss_trace`` and ``sigma_est`` (pipeline.stopping.choose_with_floor)."""
-    from pipeline.stopping import choose_with_floor
-    m = row["members"][member]
-    by_step = {int(s): p for s, p, _pm in m["metric_trace"]}
-    best, last = max(by_step.values()), max(by_step)
-    chosen, stopped = choose_with_floor(m["var_trace"], m["loss_trace"], m["sigma_est"], cfg)
-    if stopped is None:
-        return by_step[last], best, m["ran"]
-    return by_step.get(chosen, by_step[last]), best, stopped
 
 
 if __name__ == "__main__":

@@ -493,7 +493,8 @@ def _tiled_row(suite: str, case, v: Variant, seed0: int, tiles: Path | None = No
     image, and a run without a part then merges every kept fit into the row, adding up all the seconds."""
     import torch
     from pipeline.bench.quality import _problems, _ref_tensor, psnr
-    from pipeline.fit import fit_tiled
+    from pipeline.fit import TilesPending, fit_tiled
+    from pipeline.stopping import stop_config_for
     from pipeline.tiling import TileStore
     over = {k: x for k, x in v.over.items() if k != "ensemble"}  # the preset's own K members, as tiles
     (p,) = _problems(suite, [case], v.preset, False, None, seed0, {**over, "ensemble": v.k})
@@ -517,7 +518,6 @@ def _tiled_row(suite: str, case, v: Variant, seed0: int, tiles: Path | None = No
         (store.folder / mine).write_text(json.dumps(
             {"cpu_s": before["cpu_s"] + time.process_time() - t0, "runs": before["runs"] + 1}))
 
-    from pipeline.fit import TilesPending
     for _q, r in fit_tiled([p], device="cpu", slots=1, auto=False, on_tile=keep if store else None):
         if isinstance(r, TilesPending):
             log.info("%s/%s/%s: %s", suite, v.name, case.name, r)
@@ -525,7 +525,6 @@ def _tiled_row(suite: str, case, v: Variant, seed0: int, tiles: Path | None = No
         if isinstance(r, Exception):
             raise r
     cpu = others["cpu_s"] + before["cpu_s"] + time.process_time() - t0
-    before["runs"] += others["runs"]
     kept = int(r.extra["tiling"].get("kept", 0))
     w = r.extra["work"]
     unit_steps = sorted(int(t["steps"]) for t in r.extra["tiling"]["tiles"] if "steps" in t)
@@ -534,8 +533,8 @@ def _tiled_row(suite: str, case, v: Variant, seed0: int, tiles: Path | None = No
             "gflop": w["gflop"], "cpu_s": round(cpu, 2), "tile": p.cfg.tile, "fits": w.get("fits"),
             "unit_steps": unit_steps, "auto_psnr": round(psnr(out, _ref_tensor(case.reference),
                                                           4 if suite == "sr" else None), 4),
-            "oracle_psnr": None, "rule": variant_rule(suite, v),
-            **({"kept_tiles": kept, "runs": before["runs"] + 1} if kept else {})}
+            "oracle_psnr": None, "rule": stop_config_for(p.cfg).to_dict(),  # the product's rule, as fit_tiled ran it
+            **({"kept_tiles": kept, "runs": others["runs"] + before["runs"] + 1} if kept else {})}
 
 
 # ---- the run --------------------------------------------------------------------------------------------
@@ -562,12 +561,13 @@ def run(suites, part: str, names, crop: int, out: Path, sigma: float | None = No
                        "part": "tune" if c.name in SPLIT[suite]["tune"] else "held", "note": v.note,
                        "preset": v.preset, "over": v.over, "stop": v.stop,
                        **({"flip": True} if v.flip else {})}
-                if tile_part and (v.name == ANCHORS[suite] or not _tiles_of(suite, c, v)):
-                    continue  # not tiled: the run without a part does it, once
                 try:
+                    tiled = v.name != ANCHORS[suite] and _tiles_of(suite, c, v)
+                    if tile_part and not tiled:
+                        continue  # not tiled: the run without a part does it, once
                     if v.name == ANCHORS[suite]:
                         row.update(_anchor_row(suite, c, sigma))
-                    elif _tiles_of(suite, c, v):
+                    elif tiled:
                         got = _tiled_row(suite, c, v, seed, tiles, tile_part)
                         if got is None:  # a part's share, kept: the row is the merging run's
                             continue
