@@ -122,8 +122,10 @@ def fit_tiled(problems, device="auto", slots: int | None = None, tile: int | Non
     the tile's result as bytes (pipeline.tiling.encode_tile) for the caller to keep (pipeline.tiling.TileStore);
     a source problem's ``kept_tiles`` (such bytes, from a stopped run) are merged instead of fitted where
     their key matches the tile (pipeline.tiling.tile_key), so the image goes on from where it stopped. With
-    ``keep_weights`` a kept tile is reused only if it has its weights. Off with a custom ``stopper_factory``
-    (the key could not see its rule).
+    ``keep_weights`` a kept tile is reused only if it has its weights. A custom ``stopper_factory`` keeps
+    resume only if it carries its rule as ``factory.config`` (a StopConfig, as
+    pipeline.stopping.make_stopper_factory's do): the keys then hold that rule. Without one, resume is
+    off (the key could not see the rule).
 
     Out of memory: fit_problems first halves the batch; an image that still runs out of memory with one
     slot (the memory model underestimated it) is fitted again as tiles of half its longer side, then of
@@ -131,9 +133,11 @@ def fit_tiled(problems, device="auto", slots: int | None = None, tile: int | Non
     """
     from pipeline.engine import pick_device
     check_canvas_policy(canvas_policy)
-    resume = stopper_factory is None
+    rule = getattr(stopper_factory, "config", None)  # a custom factory's rule, for the kept tiles' keys
+    resume = stopper_factory is None or rule is not None
     tiler = _Tiler(as_feed(problems), pick_device(device), tile, overlap, int(max_memory) if max_memory else None,
-                   auto, canvas_policy, on_start, on_tile if resume else None, keep_weights, resume)
+                   auto, canvas_policy, on_start, on_tile if resume else None, keep_weights, resume,
+                   rule.to_dict() if rule is not None else None)
     slot_fn = ((lambda cfg, canvas, C, d, n: slots_for(cfg, canvas, C, tiler.dev, tiler.budget, slots, n))
                if tiler.budget else slots)
     results = fit_problems(tiler, device=tiler.dev, slots=slot_fn, canvas_policy=canvas_policy,
@@ -148,10 +152,11 @@ class _Tiler(Feed):
     merged into images."""
 
     def __init__(self, source: Feed, dev, tile, overlap, budget, auto, policy, on_start, on_tile=None,
-                 weights: bool = False, resume: bool = True):
+                 weights: bool = False, resume: bool = True, rule: dict | None = None):
         self.source, self.live = source, source.live
         self.dev, self.tile, self.overlap, self.budget, self.auto, self.policy = dev, tile, overlap, budget, auto, policy
         self.on_start, self.on_tile, self.weights, self.resume = on_start, on_tile, weights, resume
+        self.rule = rule  # the stopping rule of the caller's stopper factory (None: each config's own)
         self.images: dict[int, _Image] = {}  # image number (a tile problem's meta["image"]) -> its state
         self.numbers = count()
         self.queue: deque = deque()  # units (whole problems, tiles, Ready) waiting to go into the engine
@@ -244,7 +249,7 @@ class _Tiler(Feed):
             except Exception:  # noqa: BLE001 - a damaged file: its tile is fitted again
                 continue
             if i in by_index and i not in out:
-                r = decode_tile(blob, by_index[i], weights=self.weights)
+                r = decode_tile(blob, by_index[i], weights=self.weights, rule=self.rule)
                 if r is not None:
                     out[i] = r
         return [out[i] for i in sorted(out)]
@@ -319,7 +324,7 @@ class _Tiler(Feed):
         """Hand a finished tile to ``on_tile`` (before the merge, which drops its pixels)."""
         from pipeline.tiling import encode_tile
         try:
-            self.on_tile(p, int(q.meta["tile"]), encode_tile(r))
+            self.on_tile(p, int(q.meta["tile"]), encode_tile(r, self.rule))
         except Exception as e:  # noqa: BLE001 - keeping a tile is a convenience; the fit goes on
             log.warning("%s: tile %s could not be kept for resume: %s", p.source or p.name, q.meta["tile"], e)
 

@@ -363,25 +363,28 @@ TILE_FORMAT = "dip-tile"
 TILE_VERSION = 1
 
 
-def tile_key(q: Problem) -> str:
+def tile_key(q: Problem, rule: dict | None = None) -> str:
     """What decides a tile problem's fit, hashed: its pixels and mask, its config (with the auto-stop rule
-    that config gets: pipeline.stopping), its seed and index, and dip's version. A kept tile is reused only
-    when this is the same, so a changed input, option, rule or layout (another --tile, an out-of-memory
-    fallback) fits the tile again."""
+    that config gets: pipeline.stopping, or ``rule``, a StopConfig dict, where the caller's stopper factory
+    sets another), its seed and index, and dip's version. A kept tile is reused only when this is the same,
+    so a changed input, option, rule or layout (another --tile, an out-of-memory fallback) fits the tile
+    again."""
     from pipeline.config import VERSION
     from pipeline.stopping import stop_config_for
     h = hashlib.sha256()
     for a in (q.image.pixels, q.mask):
         h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes() + str(a.shape).encode())
-    rule = stop_config_for(q.cfg).to_dict() if q.cfg.auto_stop else None
+    if rule is None and q.cfg.auto_stop:  # a caller's factory stops the fits whatever auto_stop says
+        rule = stop_config_for(q.cfg).to_dict()
     h.update(json.dumps([q.cfg.identity_dict(), rule, int(q.seed), int(q.meta["tile"]), VERSION],
                         sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
-def encode_tile(r: Result) -> bytes:
+def encode_tile(r: Result, rule: dict | None = None) -> bytes:
     """One fitted tile's result as the bytes of an .npz file: its pixels, loss curve, generator weights
-    (when kept) and a JSON header (steps, seconds, stop reason, work, ...). :func:`decode_tile` reads it."""
+    (when kept) and a JSON header (steps, seconds, stop reason, work, ...). :func:`decode_tile` reads it.
+    ``rule``: the stopping rule it ran under, where not its config's own (:func:`tile_key`)."""
     q = r.problem
     extra = {}
     for k, v in r.extra.items():  # what the merge and the record use; anything not JSON is left out
@@ -390,7 +393,7 @@ def encode_tile(r: Result) -> bytes:
         except (TypeError, ValueError):
             continue
         extra[k] = v
-    head = {"format": TILE_FORMAT, "version": TILE_VERSION, "key": tile_key(q), "tile": int(q.meta["tile"]),
+    head = {"format": TILE_FORMAT, "version": TILE_VERSION, "key": tile_key(q, rule), "tile": int(q.meta["tile"]),
             "steps": int(r.steps), "seconds": float(r.seconds), "restores": int(r.restores),
             "stop_reason": r.stop_reason, "device": r.device, "bits": r.image.bits, "extra": extra}
     arrays = {"pixels": np.asarray(r.image.pixels, np.float32), "loss": np.asarray(r.loss, np.float64),
@@ -403,13 +406,14 @@ def encode_tile(r: Result) -> bytes:
     return buf.getvalue()
 
 
-def decode_tile(blob: bytes, q: Problem, weights: bool = False) -> Result | None:
+def decode_tile(blob: bytes, q: Problem, weights: bool = False, rule: dict | None = None) -> Result | None:
     """The Result of tile problem ``q`` from :func:`encode_tile`'s bytes; None when they are not a kept fit of
-    this very tile (another key: :func:`tile_key`), are damaged, or lack the weights asked for."""
+    this very tile under this rule (another key: :func:`tile_key`), are damaged, or lack the weights asked
+    for."""
     try:
         with np.load(io.BytesIO(blob)) as z:
             head = json.loads(z["head"].tobytes().decode())
-            if head.get("format") != TILE_FORMAT or head.get("key") != tile_key(q):
+            if head.get("format") != TILE_FORMAT or head.get("key") != tile_key(q, rule):
                 return None
             if weights and "weights" not in z.files:
                 return None

@@ -114,6 +114,29 @@ def test_kept_tiles_of_another_fit_or_damaged_are_fitted_again(tmp_path):
     assert "kept" not in fit(p, keep_weights=True).extra["tiling"]
 
 
+def test_a_factory_that_carries_its_rule_keeps_resume_and_its_rule_is_in_the_key(tmp_path):
+    """A custom stopper factory with ``.config`` (make_stopper_factory's): its tiles are kept under keys that
+    hold its rule, so a run with the same rule merges them, one under the config's own rule fits them again,
+    and a factory without a rule keeps nothing (its key could not see the rule)."""
+    from pipeline.stopping import make_stopper_factory
+    factory = make_stopper_factory(scan().cfg, floor=0.9, floor_wait=20)
+    store = TileStore(tmp_path / "scan")
+    stopped_run(store, after=3, stopper_factory=factory)
+    blobs = store.load()
+    assert len(blobs) == 3
+    p = scan()
+    p.kept_tiles = list(blobs)
+    assert fit(p, stopper_factory=make_stopper_factory(scan().cfg, floor=0.9, floor_wait=20)
+               ).extra["tiling"]["kept"] == 3
+    p = scan()
+    p.kept_tiles = list(blobs)
+    assert "kept" not in fit(p).extra["tiling"]  # the preset's own rule: other fits
+    p, kept = scan(), []
+    p.kept_tiles = list(blobs)
+    r = fit(p, stopper_factory=lambda *a, **k: factory(*a, **k), on_tile=lambda _p, i, _b: kept.append(i))
+    assert "kept" not in r.extra["tiling"] and kept == []  # no rule to key on: resume is off
+
+
 def test_a_kept_tile_round_trips_with_its_weights():
     p = scan()
     r = fit(p, keep_weights=True)
@@ -201,3 +224,25 @@ def test_the_study_shares_a_tiled_row_between_parts_and_merges_it(tmp_path, monk
     for bad in ("0/2", "3/2", "x"):
         with pytest.raises(ValueError, match="--tile-part"):
             study.parse_part(bad)
+
+
+def test_a_tiled_study_row_runs_its_variants_stop_overrides(tmp_path):
+    """A variant's own stop overrides reach the fits of a tiled row, as an untiled row runs them: the row
+    records that rule, and its kept tiles (under a folder name that does not hold the rule) are not taken
+    for another rule's."""
+    import shutil
+    from pipeline.bench import study
+    from pipeline.bench.quality import load_cases, paper_dir
+    (case,) = load_cases("denoise", paper_dir(None), crop=40, only=["F16"])
+    over = {"tile": 24, "net": TINY, "steps": 3}
+    v = study.Variant("t", "fast", over, stop={"floor": 0.8, "floor_wait": 20}, k=2)
+    plain = study.Variant("t", "fast", over, k=2)
+    name = study._tiles_key("denoise", case, v, 0)
+    assert name == study._tiles_key("denoise", case, plain, 0)
+    row = study._tiled_row("denoise", case, v, 0, tmp_path / "a")
+    assert row["rule"] == study.variant_rule("denoise", v) and row["rule"]["floor"] == 0.8
+    assert len(TileStore(tmp_path / "a" / name).load()) == 8
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    other = study._tiled_row("denoise", case, plain, 0, tmp_path / "b")  # v's tiles under plain's folder
+    assert "kept_tiles" not in other and other["rule"] == study.variant_rule("denoise", plain)
+    assert study._tiled_row("denoise", case, v, 0, tmp_path / "a")["kept_tiles"] == 8  # its own: merged

@@ -482,7 +482,9 @@ def _tiled_row(suite: str, case, v: Variant, seed0: int, tiles: Path | None = No
                part: tuple[int, int] | None = None) -> dict | None:
     """Fit ``case`` as the product does when the variant's preset tiles it (FitConfig.tile): through
     pipeline.fit.fit_tiled, every tile and member its own fit and stop, the distillation run. Only the
-    auto-stopped PSNR: there is no oracle step (each tile has its own), so ``oracle_psnr`` is None.
+    auto-stopped PSNR: there is no oracle step (each tile has its own), so ``oracle_psnr`` is None. The
+    variant's own stop overrides run as in an untiled row (a factory that carries its rule, so kept tiles
+    are keyed on it); the row's ``rule`` is the one the tiles stopped by.
 
     With ``tiles`` (a folder), each finished tile is kept there (pipeline.tiling.TileStore) with the CPU
     seconds so far, so a stopped run goes on from its last tile; the row's ``cpu_s`` then adds up the runs
@@ -494,10 +496,14 @@ def _tiled_row(suite: str, case, v: Variant, seed0: int, tiles: Path | None = No
     import torch
     from pipeline.bench.quality import _problems, _ref_tensor, psnr
     from pipeline.fit import TilesPending, fit_tiled
-    from pipeline.stopping import stop_config_for
+    from pipeline.stopping import make_stopper_factory, stop_config_for
     from pipeline.tiling import TileStore
     over = {k: x for k, x in v.over.items() if k != "ensemble"}  # the preset's own K members, as tiles
     (p,) = _problems(suite, [case], v.preset, False, None, seed0, {**over, "ensemble": v.k})
+    # the variant's own stop overrides on its preset's rule, as an untiled row runs them (a factory that
+    # carries its rule, so the kept tiles' keys hold it); none: the product's rule, as dip restore runs it
+    factory = make_stopper_factory(p.cfg, **v.stop) if v.stop else None
+    rule = factory.config if factory else stop_config_for(p.cfg)
     if part and not tiles:
         raise ValueError("a tile part needs a folder to keep its fits in")
     store = TileStore(tiles / _tiles_key(suite, case, v, seed0)) if tiles else None
@@ -518,7 +524,8 @@ def _tiled_row(suite: str, case, v: Variant, seed0: int, tiles: Path | None = No
         (store.folder / mine).write_text(json.dumps(
             {"cpu_s": before["cpu_s"] + time.process_time() - t0, "runs": before["runs"] + 1}))
 
-    for _q, r in fit_tiled([p], device="cpu", slots=1, auto=False, on_tile=keep if store else None):
+    for _q, r in fit_tiled([p], device="cpu", slots=1, auto=False, on_tile=keep if store else None,
+                           stopper_factory=factory):
         if isinstance(r, TilesPending):
             log.info("%s/%s/%s: %s", suite, v.name, case.name, r)
             return None
@@ -533,7 +540,7 @@ def _tiled_row(suite: str, case, v: Variant, seed0: int, tiles: Path | None = No
             "gflop": w["gflop"], "cpu_s": round(cpu, 2), "tile": p.cfg.tile, "fits": w.get("fits"),
             "unit_steps": unit_steps, "auto_psnr": round(psnr(out, _ref_tensor(case.reference),
                                                           4 if suite == "sr" else None), 4),
-            "oracle_psnr": None, "rule": stop_config_for(p.cfg).to_dict(),  # the product's rule, as fit_tiled ran it
+            "oracle_psnr": None, "rule": rule.to_dict(),  # the rule fit_tiled ran
             **({"kept_tiles": kept, "runs": others["runs"] + before["runs"] + 1} if kept else {})}
 
 
