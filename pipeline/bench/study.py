@@ -251,6 +251,15 @@ CANDIDATES = [
        stop={**ENSEMBLE_RULE, "floor": 1.0, "floor_wait": 10}, ema_warmup=True),
     # after the choice (not part of it): what `--preset denoise-lite --ensemble 2` fits since stop 31
     _v("d-w24ex2l0", "two fits of 24 channels, lag 0", k=2, net=_w(24), stop=ENSEMBLE_RULE, ema_warmup=True),
+    # stop 35: an ensemble's members may fit further than a single fit should (their average takes out part
+    # of the noise each has begun to fit): a lower floor, scored on the ensemble's image (the tune replay of
+    # stop 33 scored members alone: 0.9 was best at sigma 15 and lost at 25 and 50). Chosen on the tune crops
+    # by the rule in docs/efficiency.md, written before these rows ran.
+    *[_v(f"d-w24ex6l0f{f:02d}", f"six fits of 24 channels, lag 0, the noise floor 0.{f} (20 checks)", k=6,
+         net=_w(24), stop={**ENSEMBLE_RULE, "floor": f / 10, "floor_wait": 20}, ema_warmup=True) for f in (9, 8)],
+    # stop 35, after the floor's adoption (not part of a choice): what `--ensemble 2` fits since stop 33
+    _v("d-w24ex2l0f", "two fits of 24 channels, lag 0, the noise floor 1.0 (10 checks)", k=2, net=_w(24),
+       stop={**ENSEMBLE_RULE, "floor": 1.0, "floor_wait": 10}, ema_warmup=True),
     _v("d-w16ex16l0", "sixteen fits of 16 channels, lag 0", k=16, net=_w(16), stop=ENSEMBLE_RULE,
        ema_warmup=True),
     _v("d-w16ex12l0", "twelve fits of 16 channels, lag 0", k=12, net=_w(16), stop=ENSEMBLE_RULE, ema_warmup=True),
