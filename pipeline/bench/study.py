@@ -100,6 +100,8 @@ LIGHT_RULE = {"patience": 4, "rel_tol": 0.7}
 INPAINT_RULE = {"patience": 16, "min_steps": 500}
 # denoise-lite's rule since stop 28 (four fits averaged): the light rule, each member's image at its minimum
 ENSEMBLE_RULE = {**LIGHT_RULE, "lag": 0}
+# the noise floor under the rule (StopConfig.floor): denoise-lite's since stop 33 (dl-floor10's choice)
+FLOOR = {"floor": 1.0, "floor_wait": 10}
 # a rule that never fires: each fit runs to its cap and the result is its last image, as a preset with
 # auto_stop off (inpaint-lite since stop 29) fits
 TO_THE_CAP = {"patience": 10 ** 6, "min_steps": 500}
@@ -172,7 +174,7 @@ CANDIDATES = [
     # the noise floor under the light rule (StopConfig.floor), chosen by the rule written down before its rows
     # ran: replayed member by member on the tune crops at sigma 15, 25 and 50 (docs/efficiency.md)
     _v("dl-floor10", "denoise-lite whose stop waits for the data term to reach sigma_est^2 (10 checks at most)",
-       preset="denoise-lite", k=6, stop={"floor": 1.0, "floor_wait": 10}, ensemble=1),
+       preset="denoise-lite", k=6, stop=FLOOR, ensemble=1),
     # inpainting's paper preset (lr 0.001, 11000 steps) is ten times slower than the others: its schedule at
     # the others' pace, with the inpainting rule's time scales for lr 0.01 (pipeline.stopping)
     _v("i-fast", "lr 0.01, 3000 steps at most", lr=0.01, steps=3000, stop=INPAINT_RULE),
@@ -248,7 +250,7 @@ CANDIDATES = [
     # stop 33: the noise floor under the rule (dl-floor10 on the held-out crops: +0.59 dB at sigma 15, +0.09 at
     # 25, the same images at 50): denoise-lite's rule since then, d-w24ex6l0 with the floor
     _v("d-w24ex6l0f", "six fits of 24 channels, lag 0, the noise floor 1.0 (10 checks)", k=6, net=_w(24),
-       stop={**ENSEMBLE_RULE, "floor": 1.0, "floor_wait": 10}, ema_warmup=True),
+       stop={**ENSEMBLE_RULE, **FLOOR}, ema_warmup=True),
     # after the choice (not part of it): what `--preset denoise-lite --ensemble 2` fits since stop 31
     _v("d-w24ex2l0", "two fits of 24 channels, lag 0", k=2, net=_w(24), stop=ENSEMBLE_RULE, ema_warmup=True),
     # stop 35: an ensemble's members may fit further than a single fit should (their average takes out part
@@ -259,7 +261,7 @@ CANDIDATES = [
          net=_w(24), stop={**ENSEMBLE_RULE, "floor": f / 10, "floor_wait": 20}, ema_warmup=True) for f in (9, 8)],
     # stop 35, after the floor's adoption (not part of a choice): what `--ensemble 2` fits since stop 33
     _v("d-w24ex2l0f", "two fits of 24 channels, lag 0, the noise floor 1.0 (10 checks)", k=2, net=_w(24),
-       stop={**ENSEMBLE_RULE, "floor": 1.0, "floor_wait": 10}, ema_warmup=True),
+       stop={**ENSEMBLE_RULE, **FLOOR}, ema_warmup=True),
     _v("d-w16ex16l0", "sixteen fits of 16 channels, lag 0", k=16, net=_w(16), stop=ENSEMBLE_RULE,
        ema_warmup=True),
     _v("d-w16ex12l0", "twelve fits of 16 channels, lag 0", k=12, net=_w(16), stop=ENSEMBLE_RULE, ema_warmup=True),
