@@ -79,6 +79,12 @@ class StopConfig:
                "Across noise levels"); on a noisy one the level is reached earlier and changes nothing.
                Gaussian noise only, like ``discrepancy``.
     floor_wait: the most checks the stop waits for the floor after the rule fired; then the rule's image
+    floor_low: the floor at low noise (0 = off: ``floor`` at every noise level): where the estimated sigma
+               is under ``floor_low_below``, the floor is ``floor_low`` and the wait ``floor_low_wait``
+               (:meth:`at_sigma`). A lower floor lets a lightly noisy fit take more detail; at higher noise
+               it takes noise (docs/efficiency.md, "A floor that follows the noise level")
+    floor_low_below: the sigma (in [0, 1]) under which ``floor_low`` holds
+    floor_low_wait: ``floor_wait`` where ``floor_low`` holds
     """
 
     window: int = 4
@@ -93,6 +99,13 @@ class StopConfig:
     discrepancy_smooth: int = 50
     floor: float = 0.0
     floor_wait: int = 20
+    floor_low: float = 0.0
+    floor_low_below: float = 20 / 255
+    floor_low_wait: int = 20
+
+    # fields added after rules were first recorded, at the value that means "as before": a kept tile's key
+    # (pipeline.tiling.tile_key) leaves them out at that value, so an upgrade does not refit kept tiles
+    LATER_FIELDS = {"floor_low": 0.0, "floor_low_below": 20 / 255, "floor_low_wait": 20}
 
     def __post_init__(self):
         if self.window < 2:
@@ -121,12 +134,40 @@ class StopConfig:
             raise ValueError(f"floor must be a factor >= 0 (0 = off), not {self.floor}")
         if self.floor_wait < 0:
             raise ValueError("floor_wait must be >= 0 checks")
+        if not (self.floor_low >= 0.0 and math.isfinite(self.floor_low)):
+            raise ValueError(f"floor_low must be a factor >= 0 (0 = off), not {self.floor_low}")
+        if not (self.floor_low_below >= 0.0 and math.isfinite(self.floor_low_below)):
+            raise ValueError(f"floor_low_below must be a noise level >= 0, not {self.floor_low_below}")
+        if self.floor_low_wait < 0:
+            raise ValueError("floor_low_wait must be >= 0 checks")
 
     def replace(self, **kw) -> "StopConfig":
         return dataclasses.replace(self, **kw)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def identity_dict(self) -> dict:
+        """:meth:`to_dict` less the later fields at their neutral value (what a kept tile's key holds)."""
+        return {k: v for k, v in self.to_dict().items()
+                if not (k in self.LATER_FIELDS and v == self.LATER_FIELDS[k])}
+
+    def at_sigma(self, sigma: float | None) -> "StopConfig":
+        """The rule a fit of noise level ``sigma`` runs: with ``floor_low`` and sigma under
+        ``floor_low_below``, floor and wait are the low ones; the low fields are then spent (at their
+        neutral value), so the result is one fixed rule that replays as it ran.
+
+        >>> StopConfig(floor=1.0, floor_wait=10, floor_low=0.9).at_sigma(15 / 255).floor
+        0.9
+        >>> StopConfig(floor=1.0, floor_wait=10, floor_low=0.9).at_sigma(25 / 255).floor
+        1.0
+        """
+        if not self.floor_low or sigma is None:
+            return self
+        fixed = self.replace(**self.LATER_FIELDS)  # the low floor's fields spent: back to their neutral value
+        if sigma < self.floor_low_below:
+            return fixed.replace(floor=self.floor_low, floor_wait=self.floor_low_wait)
+        return fixed
 
 
 class _Rule:
@@ -177,6 +218,7 @@ def choose_with_floor(trace, loss_trace, sigma: float | None, config: StopConfig
     """:func:`choose_from_trace` with ``config.floor``, on a recorded data-term trace [(step, loss)] (at every
     check: the lowest ``discrepancy_smooth``-step average of the losses ending since the previous check, as
     the live stopper sees it): (chosen step, stop step), as :class:`WMVStopper` would give them."""
+    config = config.at_sigma(sigma)
     chosen, stopped = choose_from_trace(trace, config)
     if not config.floor or sigma is None or stopped is None:
         return chosen, stopped
@@ -226,9 +268,10 @@ class WMVStopper:
 
     def __init__(self, config: StopConfig | None = None, sigma: float | None = None, **overrides):
         config = config or StopConfig()
-        self.config = config.replace(**overrides) if overrides else config
+        config = config.replace(**overrides) if overrides else config
         if sigma is not None and not (math.isfinite(sigma) and sigma >= 0):
             raise ValueError(f"sigma must be a noise level >= 0, not {sigma}")
+        self.config = config.at_sigma(sigma)  # the rule this fit runs (a floor that follows sigma, resolved)
         self.sigma = sigma
         self.fallback_image: torch.Tensor | None = None
         self.fallback_step: int | None = None
@@ -548,7 +591,8 @@ def stopper_for_item(config: StopConfig, item=None) -> WMVStopper | HoldoutStopp
     if item is not None and getattr(item, "val_mask", None) is not None:
         return HoldoutStopper(config, item.target, item.val_mask)
     sigma = None
-    if (config.discrepancy or config.floor) and item is not None and getattr(item, "target", None) is not None:
+    if (config.discrepancy or config.floor or config.floor_low) and item is not None \
+            and getattr(item, "target", None) is not None:
         sigma = sigma_of_item(item)
     return WMVStopper(config, sigma=sigma)
 

@@ -370,12 +370,14 @@ def tile_key(q: Problem, rule: dict | None = None) -> str:
     so a changed input, option, rule or layout (another --tile, an out-of-memory fallback) fits the tile
     again."""
     from pipeline.config import VERSION
-    from pipeline.stopping import stop_config_for
+    from pipeline.stopping import StopConfig, stop_config_for
     h = hashlib.sha256()
     for a in (q.image.pixels, q.mask):
         h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes() + str(a.shape).encode())
     if rule is None and q.cfg.auto_stop:  # a caller's factory stops the fits whatever auto_stop says
         rule = stop_config_for(q.cfg).to_dict()
+    if rule is not None:  # the rule's later fields at their neutral value are left out (StopConfig.identity_dict)
+        rule = StopConfig(**rule).identity_dict()
     h.update(json.dumps([q.cfg.identity_dict(), rule, int(q.seed), int(q.meta["tile"]), VERSION],
                         sort_keys=True, default=str).encode())
     return h.hexdigest()

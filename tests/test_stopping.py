@@ -484,6 +484,58 @@ def test_the_noise_floor_defers_the_stop_to_where_the_data_term_reaches_it_and_r
         StopConfig(floor=-0.5)
 
 
+@pytest.mark.parametrize("sigma,floor,wait", [(0.05, 0.5, 20), (0.1, 1.0, 10)])
+def test_a_floor_that_follows_the_noise_level_runs_and_replays_as_the_fixed_floor_it_resolves_to(sigma, floor,
+                                                                                                 wait):
+    """``floor_low``: under ``floor_low_below`` the fit's floor and wait are the low ones, else the shipped
+    ones; the stopper runs, records and replays exactly as a stopper given that fixed floor would."""
+    from pipeline.bench.study import _data_term_trace
+    from pipeline.stopping import choose_with_floor
+    ts, imgs, _errs = _synthetic(800, steps=4000, seed=5)
+    n = 4000
+    # the data term: 1.0 until step 600, then 0.9 sigma^2 (above the low floor), then 0.4 sigma^2 from 2000
+    loss = torch.tensor([1.0 if t < 595 else 0.9 * sigma ** 2 if t < 1995 else 0.4 * sigma ** 2
+                         for t in range(1, n + 1)])
+    base = StopConfig(window=4, patience=6, min_steps=200, check_every=CHECK, rel_tol=0.5, discrepancy_smooth=5,
+                      floor=1.0, floor_wait=10)
+    cfg = base.replace(floor_low=0.5, floor_low_below=0.08, floor_low_wait=20)
+    assert cfg.at_sigma(sigma) == base.replace(floor=floor, floor_wait=wait) and cfg.at_sigma(None) == cfg
+
+    def run(c):
+        st = WMVStopper(c, sigma=sigma)
+        for t, x in zip(ts, imgs):
+            if st.update(int(t), x, loss[:t]):
+                return st, int(t)
+        return st, None
+
+    st, stopped = run(cfg)
+    fixed, fixed_stop = run(base.replace(floor=floor, floor_wait=wait))
+    assert st.config == fixed.config and stopped == fixed_stop and st.best_step == fixed.best_step
+    assert torch.equal(st.result_image(), fixed.result_image())
+    assert st.summary()["config"]["floor"] == floor and st.summary()["floor"]["factor"] == floor
+    plain, _ = choose_from_trace(st.trace, base.replace(floor=0.0))
+    # the low floor waited for the later level; the shipped one was reached before the rule fired
+    assert st.best_step == (2000 if floor == 0.5 else plain) and plain < 2000
+    row = {"loss": loss[:stopped].tolist(), "metric_trace": [[int(t), 0.0, None] for t in ts if t <= stopped]}
+    trace = _data_term_trace(row, smooth=5)["loss_trace"]
+    assert choose_with_floor(st.trace, trace, sigma, cfg) == (st.best_step, stopped)  # the unresolved rule
+    with pytest.raises(ValueError, match="floor_low"):
+        StopConfig(floor_low=-1)
+
+
+def test_a_kept_tiles_key_does_not_change_with_stop_fields_added_later_at_their_neutral_value():
+    """A tile kept before StopConfig grew ``floor_low`` (its rule dict has no such keys) is still this tile's
+    fit after the upgrade: the key leaves later fields out at their neutral value, and keeps them otherwise."""
+    from pipeline.api import make_problem
+    from pipeline.tiling import tile_key
+    q = make_problem(np.full((8, 8, 3), 0.5, np.float32), task="denoise", preset="denoise-lite", seed=1)
+    q.meta["tile"] = 0
+    now = StopConfig(patience=4, floor=1.0)
+    before = {k: v for k, v in now.to_dict().items() if k not in StopConfig.LATER_FIELDS}
+    assert tile_key(q, before) == tile_key(q, now.to_dict()) == tile_key(q, now.identity_dict())
+    assert tile_key(q, now.replace(floor_low=0.9).to_dict()) != tile_key(q, before)
+
+
 def test_the_replay_tool_replays_the_rule_each_recorded_fit_ran_under():
     """tools/replay_stop.py must start from the rule a variant's fits ran under (denoise-lite's of stop 31:
     patience 4, rel_tol 0.7, lag 0), not the task's default: replayed on a committed study file (six-member
@@ -510,4 +562,4 @@ def test_the_replay_tool_replays_the_rule_each_recorded_fit_ran_under():
     assert tool.variant_rule("denoise", now, rows).floor == 1.0  # no recorded rule: today's preset's
     recorded = [{**r, "rule": rule.to_dict()} for r in rows]
     assert tool.variant_rule("denoise", now, recorded) == rule
-    assert variant_rule("denoise", now) == tool.variant_rule("denoise", now).to_dict()
+    assert variant_rule("denoise", now) == tool.variant_rule("denoise", now).identity_dict()

@@ -259,6 +259,13 @@ CANDIDATES = [
     # by the rule in docs/efficiency.md, written before these rows ran.
     *[_v(f"d-w24ex6l0f{f:02d}", f"six fits of 24 channels, lag 0, the noise floor 0.{f} (20 checks)", k=6,
          net=_w(24), stop={**ENSEMBLE_RULE, "floor": f / 10, "floor_wait": 20}, ema_warmup=True) for f in (9, 8)],
+    # stop 37: the sigma-15 rows of the lower floors point to a floor that follows the noise level: 0.9 (20 checks)
+    # where the noise estimated from the fit's input is under 20/255 (the midpoint of 15 and 25), else the
+    # shipped floor. On the tune crops its fits are f09's at sigma 15 and the shipped rule's at 25 and 50
+    _v("d-w24ex6l0fs", "six fits of 24 channels, lag 0, the noise floor 0.9 (20 checks) under sigma_est 20, "
+       "else 1.0 (10 checks)", k=6, net=_w(24),
+       stop={**ENSEMBLE_RULE, **FLOOR, "floor_low": 0.9, "floor_low_below": 20 / 255, "floor_low_wait": 20},
+       ema_warmup=True),
     # stop 35, after the floor's adoption (not part of a choice): what `--ensemble 2` fits since stop 33
     _v("d-w24ex2l0f", "two fits of 24 channels, lag 0, the noise floor 1.0 (10 checks)", k=2, net=_w(24),
        stop={**ENSEMBLE_RULE, **FLOOR}, ema_warmup=True),
@@ -360,7 +367,7 @@ def variant_rule(suite: str, v: Variant) -> dict:
     kw = {"scale": SR_SCALE} if suite == "sr" else {}
     kw.update({f: v.over[f] for f in ("output",) if f in v.over})  # "last" has no lag
     return stop_config_for(make_config(SUITE_TASKS[suite], preset=v.preset or SUITE_PRESETS[suite], **kw),
-                           **v.stop).to_dict()
+                           **v.stop).identity_dict()
 
 
 def _member_key(suite: str, case, v: Variant, k: int, margin, seed: int, max_steps) -> str:
@@ -551,7 +558,7 @@ def _tiled_row(suite: str, case, v: Variant, seed0: int, tiles: Path | None = No
             "gflop": w["gflop"], "cpu_s": round(cpu, 2), "tile": p.cfg.tile, "fits": w.get("fits"),
             "unit_steps": unit_steps, "auto_psnr": round(psnr(out, _ref_tensor(case.reference),
                                                           4 if suite == "sr" else None), 4),
-            "oracle_psnr": None, "rule": rule.to_dict(),  # the rule fit_tiled ran
+            "oracle_psnr": None, "rule": rule.identity_dict(),  # the rule fit_tiled ran
             **({"kept_tiles": kept, "runs": others["runs"] + before["runs"] + 1} if kept else {})}
 
 
