@@ -219,6 +219,7 @@ class _Tiler(Feed):
         if kept:
             img.merger.kept = len(kept)
             tps = [q for q in tps if q.meta["tile"] in img.merger.pending]
+        fits = len(kept) + len(tps)  # the image's fits, all parts'
         if p.tile_part is not None:
             i, n = p.tile_part
             mine = [q for q in tps if q.meta["tile"] % n == i]
@@ -226,7 +227,7 @@ class _Tiler(Feed):
             tps = mine
         log.info("%s: %d tiles of %d px (overlap %d; %d fits each), %d copied%s", p.source or p.name,
                  len(lay.tiles) // lay.ensemble, t, lay.overlap, lay.ensemble, len(lay.copied),
-                 f", {len(kept)} of {len(kept) + len(tps)} fits kept from a stopped run" if kept else "")
+                 f", {len(kept)} of {fits} fits kept from a stopped run" if kept else "")
         if not tps:
             return [Ready(p, _Final(self.pending(img) if img.others else self.finish(img)))]
         n = next(self.numbers)

@@ -99,6 +99,20 @@ def test_an_image_shared_by_two_parts_merges_into_the_same_image(tmp_path):
     assert r.extra["work"] == whole.extra["work"]
 
 
+def test_a_part_that_goes_on_from_kept_fits_counts_them_of_the_whole_image(tmp_path, caplog):
+    """The log line of a resumed part: "1 of 8 fits kept" (the image's), not of its kept ones plus its own
+    share (stop 37: a part of kodim01 said "8 of 382" of 756)."""
+    import logging
+    store = TileStore(tmp_path / "scan")
+    stopped_run(store, after=1)
+    p = scan()
+    p.kept_tiles, p.tile_part = store.load(), (0, 2)
+    with caplog.at_level(logging.INFO, logger="dip.tiling"):
+        (_q, r), = list(fit_tiled([p], device="cpu", slots=1, tile=32, overlap=8, auto=False))
+    assert isinstance(r, TilesPending)
+    assert "1 of 8 fits kept from a stopped run" in caplog.text
+
+
 def test_kept_tiles_of_another_fit_or_damaged_are_fitted_again(tmp_path):
     store = TileStore(tmp_path / "scan")
     stopped_run(store, after=2)
