@@ -528,12 +528,20 @@ def test_a_kept_tiles_key_does_not_change_with_stop_fields_added_later_at_their_
     fit after the upgrade: the key leaves later fields out at their neutral value, and keeps them otherwise."""
     from pipeline.api import make_problem
     from pipeline.tiling import tile_key
-    q = make_problem(np.full((8, 8, 3), 0.5, np.float32), task="denoise", preset="denoise-lite", seed=1)
+    q = make_problem(np.full((8, 8, 3), 0.5, np.float32), task="denoise", preset="denoise-lite", seed=1, ensemble=1)
     q.meta["tile"] = 0
     now = StopConfig(patience=4, floor=1.0)
     before = {k: v for k, v in now.to_dict().items() if k not in StopConfig.LATER_FIELDS}
     assert tile_key(q, before) == tile_key(q, now.to_dict()) == tile_key(q, now.identity_dict())
-    assert tile_key(q, now.replace(floor_low=0.9).to_dict()) != tile_key(q, before)
+    # a floor that follows the noise level is keyed as the fixed rule it resolves to for the tile's own noise
+    low = now.replace(floor_low=0.9, floor_low_below=20 / 255, floor_low_wait=20)
+    flat = tile_key(q, low.to_dict())  # sigma_est 0, under 20/255: the low floor
+    assert flat == tile_key(q, now.replace(floor=0.9, floor_wait=20).to_dict()) != tile_key(q, before)
+    noisy = make_problem(np.random.default_rng(0).random((8, 8, 3)).astype(np.float32), task="denoise",
+                         preset="denoise-lite", seed=1, ensemble=1)
+    noisy.meta["tile"] = 0
+    assert tile_key(noisy, low.to_dict()) == tile_key(noisy, now.to_dict()) != tile_key(noisy, low.replace(
+        floor_low_below=0.9).to_dict())
 
 
 def test_the_replay_tool_replays_the_rule_each_recorded_fit_ran_under():
