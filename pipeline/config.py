@@ -275,6 +275,8 @@ PRESETS: dict[str, FitConfig] = {
     # d-w32ex4l0: 29.96 for 0.175, held out +0.87 and -0.50 against BM3D).
     # Since stop 33 each member's stop also waits for its data term to reach the noise level (the rule's noise
     # floor, pipeline.stopping; d-w24ex6l0f): held out +0.59 dB at sigma 15, +0.09 at 25, the same at 50.
+    # Since stop 37 that floor is 0.9 where the estimated noise is under 20/255 (d-w24ex6l0fs): held out
+    # +0.34 dB at sigma 15 (31.37 against 31.03) for 1.29x the steps there, the same fits at 25 and 50.
     # Larger images are fitted as 64^2 tiles, the size it was chosen at: whole, the rule stopped 256^2 crops
     # of two tuning images 4.3-5.1 dB below their 64^2 tiles' 27.11 and 30.80 dB (128^2 tiles: 25.69 on
     # baboon), and a whole 512^2 baboon under its noisy input (docs/efficiency.md, "Image size").

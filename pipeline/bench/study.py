@@ -261,7 +261,8 @@ CANDIDATES = [
          net=_w(24), stop={**ENSEMBLE_RULE, "floor": f / 10, "floor_wait": 20}, ema_warmup=True) for f in (9, 8)],
     # stop 37: the sigma-15 rows of the lower floors point to a floor that follows the noise level: 0.9 (20 checks)
     # where the noise estimated from the fit's input is under 20/255 (the midpoint of 15 and 25), else the
-    # shipped floor. On the tune crops its fits are f09's at sigma 15 and the shipped rule's at 25 and 50
+    # shipped floor. On the tune crops its fits are f09's at sigma 15 and the shipped rule's at 25 and 50.
+    # Held out by the rule written before its rows: +0.34 dB at sigma 15, so denoise-lite's rule since stop 37
     _v("d-w24ex6l0fs", "six fits of 24 channels, lag 0, the noise floor 0.9 (20 checks) under sigma_est 20, "
        "else 1.0 (10 checks)", k=6, net=_w(24),
        stop={**ENSEMBLE_RULE, **FLOOR, "floor_low": 0.9, "floor_low_below": 20 / 255, "floor_low_wait": 20},
