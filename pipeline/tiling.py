@@ -367,22 +367,19 @@ def tile_key(q: Problem, rule: dict | None = None) -> str:
     """What decides a tile problem's fit, hashed: its pixels and mask, its config (with the auto-stop rule
     that config gets: pipeline.stopping, or ``rule``, a StopConfig dict, where the caller's stopper factory
     sets another; a floor that follows the noise level as it resolves for this tile), its seed and index,
-    and dip's version. A kept tile is reused only when this is the same,
-    so a changed input, option, rule or layout (another --tile, an out-of-memory fallback) fits the tile
-    again."""
+    and dip's version. A kept tile is reused only when this is the same, so a changed input, option, rule
+    or layout (another --tile, an out-of-memory fallback) fits the tile again."""
     from pipeline.config import VERSION
     from pipeline.problem import to_fit_item
     from pipeline.stopping import StopConfig, sigma_of_item, stop_config_for
     h = hashlib.sha256()
     for a in (q.image.pixels, q.mask):
         h.update(b"-" if a is None else np.ascontiguousarray(a).tobytes() + str(a.shape).encode())
-    if rule is None and q.cfg.auto_stop:  # a caller's factory stops the fits whatever auto_stop says
-        rule = stop_config_for(q.cfg).to_dict()
-    if rule is not None:
-        sc = StopConfig(**rule)
-        if sc.floor_low:  # the rule this tile's fit runs: its floor follows the tile's own noise level
-            sc = sc.at_sigma(sigma_of_item(to_fit_item(q)))
-        rule = sc.identity_dict()  # later fields at their neutral value left out: an upgrade keeps the key
+    # a caller's factory stops the fits whatever auto_stop says
+    sc = StopConfig(**rule) if rule is not None else stop_config_for(q.cfg) if q.cfg.auto_stop else None
+    if sc is not None and sc.floor_low:  # the rule this tile's fit runs: its floor follows the tile's noise
+        sc = sc.at_sigma(sigma_of_item(to_fit_item(q)))
+    rule = sc.identity_dict() if sc is not None else None  # later fields at their neutral value left out
     h.update(json.dumps([q.cfg.identity_dict(), rule, int(q.seed), int(q.meta["tile"]), VERSION],
                         sort_keys=True, default=str).encode())
     return h.hexdigest()
