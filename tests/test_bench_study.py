@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipeline.bench import study
+from pipeline.bench import study, variants
 from pipeline.cli import main
 
 
@@ -33,7 +33,7 @@ def test_study_smoke_two_tiny_crops_then_resume(tmp_path, capsys):
         assert r["steps"] == 60 + 6  # the cap, and the distillation a real run would add (a tenth)
         assert r["gflop"] == pytest.approx(r["gflop_per_step"] * r["steps"], rel=1e-3)
         assert r["auto_psnr"] and r["oracle_psnr"] and r["cpu_s"] > 0
-        assert r["rule"] == study.variant_rule("denoise", study.variants_for("denoise", [r["variant"]])[0])
+        assert r["rule"] == variants.variant_rule("denoise", variants.variants_for("denoise", [r["variant"]])[0])
         m = r["members"][0]  # what a rule on the data term can be replayed on: the loss at every check
         assert [s for s, _l in m["loss_trace"]] == [s for s, *_ in m["metric_trace"]] and m["sigma_est"] > 0.05
         assert m["loss_trace"] and all(0 < x < 0.1 for _s, x in m["loss_trace"])  # an MSE of [0, 1] images
@@ -58,7 +58,7 @@ def test_each_light_preset_is_the_study_variant_it_came_from(preset, variant):
     from pipeline.config import PRESETS, make_config
     from pipeline.stopping import stop_config_for
     suite = PRESETS[preset].task  # the suites are named after their tasks
-    (v,) = study.variants_for(suite, [variant])
+    (v,) = variants.variants_for(suite, [variant])
     base = PRESETS[SUITE_PRESETS[suite]]
     measured = make_config(suite, preset=base.preset, scale=base.scale, **v.over)  # as the study's fit makes it
     shipped = PRESETS[preset]
@@ -70,7 +70,7 @@ def test_each_light_preset_is_the_study_variant_it_came_from(preset, variant):
     else:  # fixed steps: the study ran it with a rule that never fires
         assert v.stop == study.TO_THE_CAP
     assert shipped.tile in (0, 64)  # a tiling preset cuts at the study's crop size, so each fit is as measured
-    (pv,) = study.variants_for(suite, [preset])  # the preset by name, as the study runs it
+    (pv,) = variants.variants_for(suite, [preset])  # the preset by name, as the study runs it
     assert pv.preset == preset and pv.k == shipped.ensemble and pv.over == {"ensemble": 1}
     assert pv.stop == ({} if shipped.auto_stop else study.TO_THE_CAP)
 
@@ -93,9 +93,9 @@ def test_a_tiling_preset_on_a_larger_crop_is_fitted_as_the_product_fits_it():
     from pipeline.bench.quality import load_cases, paper_dir
     (case,) = load_cases("denoise", paper_dir(None), crop=40, only=["F16"])
     tiny = {"input_depth": 8, "channels_down": (8, 16, 32, 32), "channels_up": (8, 16, 32, 32)}
-    v = study.Variant("t", "fast", {"tile": 24, "net": tiny, "steps": 3}, k=2)
+    v = variants.Variant("t", "fast", {"tile": 24, "net": tiny, "steps": 3}, k=2)
     assert study._tiles_of("denoise", case, v) == 24
-    assert study._tiles_of("denoise", case, study.Variant("w", "fast", {"tile": 64})) == 0  # fits in one tile
+    assert study._tiles_of("denoise", case, variants.Variant("w", "fast", {"tile": 64})) == 0  # fits in one tile
     row = study._tiled_row("denoise", case, v, seed0=0)
     assert row["tile"] == 24 and row["fits"] == 2 * 4 == len(row["unit_steps"])  # 2x2 tiles, 2 members
     assert row["oracle_psnr"] is None and 5 < row["auto_psnr"] < 40
@@ -107,10 +107,10 @@ def test_a_tiling_preset_on_a_larger_crop_is_fitted_as_the_product_fits_it():
 
 
 def test_a_variant_of_one_task_s_preset_is_not_run_on_another_suite():
-    assert "dl-whole" in {v.name for v in study.variants_for("denoise", None)}
-    assert "dl-whole" not in {v.name for v in study.variants_for("sr", None)}
+    assert "dl-whole" in {v.name for v in variants.variants_for("denoise", None)}
+    assert "dl-whole" not in {v.name for v in variants.variants_for("sr", None)}
     with pytest.raises(ValueError, match="not for sr"):
-        study.variants_for("sr", ["dl-whole"])
+        variants.variants_for("sr", ["dl-whole"])
 
 
 def test_ensemble_members_are_reused_from_the_cache_and_flipped_members_see_flipped_images(tmp_path):
@@ -120,8 +120,8 @@ def test_ensemble_members_are_reused_from_the_cache_and_flipped_members_see_flip
     import numpy as np
     from pipeline.bench.cases import load_cases, paper_dir
     (case,) = load_cases("inpaint", paper_dir(None), crop=32, only=["barbara"])
-    k2 = study.Variant("x2", over={"net": study._w(16), "lr": 0.01, "steps": 60}, k=2)
-    k3 = study.Variant("x3", over=k2.over, k=3)
+    k2 = variants.Variant("x2", over={"net": study._w(16), "lr": 0.01, "steps": 60}, k=2)
+    k3 = variants.Variant("x3", over=k2.over, k=3)
     cache = tmp_path / "cache"
     a = study._fit_row("inpaint", case, k2, 0, 0, cache=cache)
     b = study._fit_row("inpaint", case, k3, 0, 0, cache=cache)
@@ -133,5 +133,5 @@ def test_ensemble_members_are_reused_from_the_cache_and_flipped_members_see_flip
     img = np.arange(2 * 3 * 1).reshape(2, 3, 1)
     assert [study._flipped(img, k)[0, 0, 0] for k in range(4)] == [0, 2, 3, 5]
     assert all((study._flipped(study._flipped(img, k), k) == img).all() for k in range(4))
-    flip = study.Variant("f", over=k2.over, k=2, flip=True)
+    flip = variants.Variant("f", over=k2.over, k=2, flip=True)
     assert study._member_key("inpaint", case, flip, 1, 0, 1, None) != study._member_key("inpaint", case, k2, 1, 0, 1, None)

@@ -7,7 +7,8 @@ import importlib
 
 import pytest
 
-MODULES = ["pipeline.problem", "pipeline.tiling", "pipeline.operators", "pipeline.job.options", "pipeline.config"]
+MODULES = ["pipeline.problem", "pipeline.tiling", "pipeline.operators", "pipeline.job.options", "pipeline.config",
+           "pipeline.stopping", "pipeline.bench.variants"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -553,7 +553,7 @@ def test_the_replay_tool_replays_the_rule_each_recorded_fit_ran_under():
     import importlib.util
     import json
     from pathlib import Path
-    from pipeline.bench.study import variant_rule, variants_for
+    from pipeline.bench.variants import variant_rule, variants_for
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("replay_stop", root / "tools" / "replay_stop.py")
     tool = importlib.util.module_from_spec(spec)

@@ -190,10 +190,10 @@ def test_a_job_stopped_in_a_tiled_image_goes_on_from_its_kept_tiles(tmp_path, ra
 def test_the_study_keeps_a_tiled_rows_tiles_until_the_row_is_written(tmp_path, monkeypatch):
     """`dip bench study` on an image its preset tiles: a stopped run leaves its tiles beside the JSONL file;
     the next run merges them, adds up the CPU seconds of both runs, writes the row and removes them."""
-    from pipeline.bench import study
+    from pipeline.bench import study, variants
     from pipeline.bench.quality import load_cases, paper_dir
     (case,) = load_cases("denoise", paper_dir(None), crop=40, only=["F16"])
-    v = study.Variant("t", "fast", {"tile": 24, "net": TINY, "steps": 3}, k=2)
+    v = variants.Variant("t", "fast", {"tile": 24, "net": TINY, "steps": 3}, k=2)
     out = tmp_path / "rows.jsonl"
     tiles = tmp_path / "rows.tiles"
     store = TileStore(tiles / study._tiles_key("denoise", case, v, 0))
@@ -214,11 +214,11 @@ def test_the_study_shares_a_tiled_row_between_parts_and_merges_it(tmp_path, monk
     """`dip bench study --tile-part I/N`: a part keeps its share and its CPU seconds and writes no row (nor
     the rows that are not tiled); the part that finds the other shares kept (here the second, run after the
     first; side by side, a run without a part) merges them into the row a single run gives."""
-    from pipeline.bench import study
+    from pipeline.bench import study, variants
     from pipeline.bench.quality import load_cases, paper_dir
     (case,) = load_cases("denoise", paper_dir(None), crop=40, only=["F16"])
-    v = study.Variant("t", "fast", {"tile": 24, "net": TINY, "steps": 3}, k=2)
-    small = study.Variant("s", "fast", {"net": TINY, "steps": 3}, k=1)  # 40^2 fitted whole: not tiled
+    v = variants.Variant("t", "fast", {"tile": 24, "net": TINY, "steps": 3}, k=2)
+    small = variants.Variant("s", "fast", {"net": TINY, "steps": 3}, k=1)  # 40^2 fitted whole: not tiled
     first = study._tiled_row("denoise", case, v, 0, None)
     out = tmp_path / "rows.jsonl"
     store = TileStore(tmp_path / "rows.tiles" / study._tiles_key("denoise", case, v, 0))
@@ -229,7 +229,7 @@ def test_the_study_shares_a_tiled_row_between_parts_and_merges_it(tmp_path, monk
     assert study.run(["denoise"], "tune", None, 40, out, images=["F16"], margin=0, tile_part=(1, 2)) == 0
     (row,) = study.read_rows(out)
     assert row["variant"] == "t" and row["kept_tiles"] == 4 and row["runs"] == 2
-    assert row["rule"] == study.variant_rule("denoise", v)  # the rule its tiles stopped by
+    assert row["rule"] == variants.variant_rule("denoise", v)  # the rule its tiles stopped by
     assert row["auto_psnr"] == first["auto_psnr"] and row["gflop"] == first["gflop"]
     assert not store.folder.exists()
     assert study.run(["denoise"], "tune", None, 40, out, images=["F16"], margin=0) == 0
@@ -245,18 +245,18 @@ def test_a_tiled_study_row_runs_its_variants_stop_overrides(tmp_path):
     records that rule, and its kept tiles (under a folder name that does not hold the rule) are not taken
     for another rule's."""
     import shutil
-    from pipeline.bench import study
+    from pipeline.bench import study, variants
     from pipeline.bench.quality import load_cases, paper_dir
     (case,) = load_cases("denoise", paper_dir(None), crop=40, only=["F16"])
     over = {"tile": 24, "net": TINY, "steps": 3}
-    v = study.Variant("t", "fast", over, stop={"floor": 0.8, "floor_wait": 20}, k=2)
-    plain = study.Variant("t", "fast", over, k=2)
+    v = variants.Variant("t", "fast", over, stop={"floor": 0.8, "floor_wait": 20}, k=2)
+    plain = variants.Variant("t", "fast", over, k=2)
     name = study._tiles_key("denoise", case, v, 0)
     assert name == study._tiles_key("denoise", case, plain, 0)
     row = study._tiled_row("denoise", case, v, 0, tmp_path / "a")
-    assert row["rule"] == study.variant_rule("denoise", v) and row["rule"]["floor"] == 0.8
+    assert row["rule"] == variants.variant_rule("denoise", v) and row["rule"]["floor"] == 0.8
     assert len(TileStore(tmp_path / "a" / name).load()) == 8
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     other = study._tiled_row("denoise", case, plain, 0, tmp_path / "b")  # v's tiles under plain's folder
-    assert "kept_tiles" not in other and other["rule"] == study.variant_rule("denoise", plain)
+    assert "kept_tiles" not in other and other["rule"] == variants.variant_rule("denoise", plain)
     assert study._tiled_row("denoise", case, v, 0, tmp_path / "a")["kept_tiles"] == 8  # its own: merged

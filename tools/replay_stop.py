@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sigma", type=float, help="only the rows of this synthetic noise level (default: the "
                                                 "authors' sigma=25 images)")
     a = ap.parse_args(argv)
-    from pipeline.bench.study import variants_for
+    from pipeline.bench.variants import variants_for
     rows = [json.loads(x) for f in a.jsonl for x in Path(f).read_text().splitlines() if x.strip()]
     grid = [dict(rel_tol=t, patience=p, lag=g) for t, p, g in
             itertools.product((0.3, 0.5, 0.7, 0.8), (4, 6, 8, 12), (0, 1))]
@@ -92,8 +92,8 @@ FLOOR_GRID = (0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.5)
 
 def variant_rule(suite: str, v, rows=()):
     """The StopConfig a study variant's fits ran under: the rule its rows recorded (since stop 33), else its
-    preset's rule today with the variant's overrides (pipeline.bench.study.variant_rule)."""
-    from pipeline.bench.study import variant_rule as today
+    preset's rule today with the variant's overrides (pipeline.bench.variants.variant_rule)."""
+    from pipeline.bench.variants import variant_rule as today
     from pipeline.stopping import StopConfig
     recorded = {json.dumps(r["rule"], sort_keys=True) for r in rows if r.get("rule")}
     if len(recorded) == 1 and all(r.get("rule") for r in rows):
