@@ -49,7 +49,7 @@ def test_study_smoke_two_tiny_crops_then_resume(tmp_path, capsys):
     assert s["w32"]["gflop_ratio"] < 0.1 and s["w32"]["vs_paper_on"] == 2 and "d_anchor" in s["w32"]
 
 
-@pytest.mark.parametrize("preset, variant", [("denoise-lite", "d-w24ex6l0f"), ("inpaint-lite", "i-w32lx2c"),
+@pytest.mark.parametrize("preset, variant", [("denoise-lite", "d-w24ex6l0fs"), ("inpaint-lite", "i-w32lx2c"),
                                              ("sr4-lite", "l-w32x2")])
 def test_each_light_preset_is_the_study_variant_it_came_from(preset, variant):
     """A light preset, fitted as `dip restore` fits it (config and auto-stop rule), is exactly the study's
@@ -68,11 +68,11 @@ def test_each_light_preset_is_the_study_variant_it_came_from(preset, variant):
     if shipped.auto_stop:
         assert stop_config_for(shipped) == stop_config_for(base, **v.stop)  # the rule the study ran it with
     else:  # fixed steps: the study ran it with a rule that never fires
-        assert v.stop == study.TO_THE_CAP
+        assert v.stop == variants.TO_THE_CAP
     assert shipped.tile in (0, 64)  # a tiling preset cuts at the study's crop size, so each fit is as measured
     (pv,) = variants.variants_for(suite, [preset])  # the preset by name, as the study runs it
     assert pv.preset == preset and pv.k == shipped.ensemble and pv.over == {"ensemble": 1}
-    assert pv.stop == ({} if shipped.auto_stop else study.TO_THE_CAP)
+    assert pv.stop == ({} if shipped.auto_stop else variants.TO_THE_CAP)
 
 
 def test_the_cpu_defaults_are_the_light_presets():
@@ -120,7 +120,7 @@ def test_ensemble_members_are_reused_from_the_cache_and_flipped_members_see_flip
     import numpy as np
     from pipeline.bench.cases import load_cases, paper_dir
     (case,) = load_cases("inpaint", paper_dir(None), crop=32, only=["barbara"])
-    k2 = variants.Variant("x2", over={"net": study._w(16), "lr": 0.01, "steps": 60}, k=2)
+    k2 = variants.Variant("x2", over={"net": variants._w(16), "lr": 0.01, "steps": 60}, k=2)
     k3 = variants.Variant("x3", over=k2.over, k=3)
     cache = tmp_path / "cache"
     a = study._fit_row("inpaint", case, k2, 0, 0, cache=cache)
@@ -131,7 +131,7 @@ def test_ensemble_members_are_reused_from_the_cache_and_flipped_members_see_flip
     assert fresh["auto_psnr"] == b["auto_psnr"] and not any(m.get("cached") for m in fresh["members"])
     assert len(list(cache.glob("*.npz"))) == 3
     img = np.arange(2 * 3 * 1).reshape(2, 3, 1)
-    assert [study._flipped(img, k)[0, 0, 0] for k in range(4)] == [0, 2, 3, 5]
-    assert all((study._flipped(study._flipped(img, k), k) == img).all() for k in range(4))
+    assert [variants.flipped(img, k)[0, 0, 0] for k in range(4)] == [0, 2, 3, 5]
+    assert all((variants.flipped(variants.flipped(img, k), k) == img).all() for k in range(4))
     flip = variants.Variant("f", over=k2.over, k=2, flip=True)
     assert study._member_key("inpaint", case, flip, 1, 0, 1, None) != study._member_key("inpaint", case, k2, 1, 0, 1, None)
