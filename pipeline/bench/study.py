@@ -3,10 +3,11 @@
 An image's cost is its steps times the work of one step (pipeline.work), the same on every device. This
 bench fits variants of the presets (a lighter network, another schedule, an ensemble of light fits...;
 :mod:`pipeline.bench.variants`) to the paper's sets, beside the paper's own preset in the same run, and
-records per variant and image: the PSNR with auto-stop (no ground truth) and at the oracle step, the steps a real run would take
-(auto-stop's stop, plus the distillation), the GFLOP of that run, and its CPU seconds. Classical
-anchors run on the same crops: BM3D for denoising (the ``bm3d`` package, an extra: ``pip install
-'dip[bench]'``), bicubic for super-resolution, biharmonic inpainting (scikit-image) for inpainting.
+records per variant and image: the PSNR with auto-stop (no ground truth) and at the oracle step, the
+steps a real run would take (auto-stop's stop, plus the distillation), the GFLOP of that run, and its
+CPU seconds. Classical anchors run on the same crops: BM3D for denoising (the ``bm3d`` package, an
+extra: ``pip install 'dip[bench]'``), bicubic for super-resolution, biharmonic inpainting
+(scikit-image) for inpainting.
 
 Resumable. Every (suite, noise level, crop, variant, image) is one row of a JSONL file, appended (and
 flushed) as soon as it is measured; a run skips the rows its file already has, so a stopped run loses
