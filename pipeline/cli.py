@@ -118,7 +118,7 @@ def job_options(args):
 
 def _run_restore(args) -> int:
     from pipeline.job import run_job
-    return run_job(job_options(args))
+    return run_job(job_options(args), owns_process=True)
 
 
 def _add_render(sub):

@@ -173,9 +173,26 @@ def _wait_fitting(out: Path, ids, p: subprocess.Popen, timeout=300) -> None:
     raise AssertionError(f"no image started fitting (rc {p.poll()})")
 
 
+def _alive_in_session(sid: int, wait: float = 10) -> list[str]:
+    """The processes of session ``sid`` still running (not zombies) after up to ``wait`` seconds."""
+    deadline = time.time() + wait
+    while True:
+        ps = subprocess.run(["ps", "-s", str(sid), "-o", "pid=,stat=,args="], capture_output=True, text=True)
+        alive = [line.strip() for line in ps.stdout.splitlines() if line.split()[1:2] != ["Z"]]
+        if not alive or time.time() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+# Ray's GCS client ends its process with exit 1 when the GCS has been unreachable this long (60 s by
+# default): short here, so that a driver still waiting on a GCS the signal also stopped fails every time
+GCS_GONE_S = "2"
+
+
 def _interrupt_runs(tmp_path, ways) -> None:
-    """Run the same job once per way of stopping it, each stopped while it fits; then once to the end."""
-    ids = [f"g{i}" for i in range(6)]
+    """Run the same job once per way of stopping it, each stopped while it fits; then once to the end.
+    A signal through `timeout` reaches the whole process group, Ray's own processes too."""
+    ids = [f"g{i}" for i in range(max(6, 2 * len(ways)))]  # enough that every run has some left to stop
     src = write_pngs(tmp_path / "in", ids, size=(24, 24))
     out = tmp_path / "out"
     cmd = dip_cmd("restore", src, "--out", out, "--steps", 400, "--preset", "fast", "--device", "cpu",
@@ -185,14 +202,18 @@ def _interrupt_runs(tmp_path, ways) -> None:
         for sig, via in ways:
             ignore = via == "background"  # a script's background job inherits SIGINT ignored
             argv = (["timeout", "-s", sig.name, "900"] + cmd) if via == "timeout" else cmd
-            p = subprocess.Popen(argv, env=clean_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env = {**clean_env(), "RAY_gcs_rpc_server_reconnect_timeout_s": GCS_GONE_S}
+            p = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                  text=True, start_new_session=True,
                                  preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore else None)
             try:
                 _wait_fitting(out, ids, p)
                 done_before = {k for k in ids if (out / f"{k}.json").exists()}
+                report = out / "report.html"
+                report_before = report.stat().st_mtime_ns if report.exists() else 0
                 p.send_signal(sig)  # to dip, or to `timeout`, which passes it on to dip
                 _, err = p.communicate(timeout=120)
+                left = _alive_in_session(p.pid) if sig != signal.SIGKILL else []
             finally:
                 stop_group(p, timeout=5)  # its embedded Ray went with its session
             m = manifest(out)
@@ -200,6 +221,8 @@ def _interrupt_runs(tmp_path, ways) -> None:
                 assert p.returncode == -9 and m["runs"][-1]["status"] == "running"
                 continue
             assert p.returncode == 130, (sig, via, err[-3000:])
+            assert not left, (sig, via, left)  # nothing of its Ray outlives it
+            assert report.stat().st_mtime_ns > report_before  # written on the way out
             assert "SystemError" not in err and "Traceback" not in err, err[-3000:]
             assert m["runs"][-1]["status"] == "interrupted" and m["runs"][-1]["signal"] == sig.name, m["runs"][-1]
             assert done_before <= {k for k in ids if m["images"].get(k, {}).get("status") == "done"}
@@ -228,7 +251,9 @@ SIGNAL_WAYS = [(signal.SIGINT, "background"), (signal.SIGTERM, "background"), (s
 def test_a_signal_while_the_driver_waits_on_ray_stops_it_cleanly(tmp_path):
     """INT and TERM, to a driver started in a script's background (SIGINT ignored) and under `timeout`,
     each delivered while it waits on Ray for a fit, with a second process keeping the CPU busy: exit 130,
-    the run marked interrupted (it once ended in a SystemError from inside Ray's wait, exit 1, "finished").
+    the run marked interrupted (it once ended in a SystemError from inside Ray's wait, exit 1, "finished"),
+    the report written, and no process of its Ray left running. Through `timeout`, Ray's own processes get
+    the signal too: the driver then once waited on its stopped GCS, and Ray ended it with exit 1.
     Then SIGKILL: the run cannot say anything, and the next one marks it abandoned. Then the same command
     finishes only the rest, and nothing done before is redone."""
     _interrupt_runs(tmp_path, SIGNAL_WAYS)

@@ -25,8 +25,9 @@ from pipeline.job.options import JobOptions
 __all__ = ["JobOptions", "run_job"]
 
 
-def run_job(opts: JobOptions) -> int:
+def run_job(opts: JobOptions, *, owns_process: bool = False) -> int:
     """Run a whole job (what `dip restore` runs); returns its exit code (0 all done, 1 some not, 2 usage,
-    130 interrupted). The same call again finishes what is left."""
+    130 interrupted). The same call again finishes what is left. ``owns_process`` is for the `dip` command
+    only (:func:`pipeline.job.driver.run`)."""
     from pipeline.job.driver import run
-    return run(opts)
+    return run(opts, owns_process=owns_process)

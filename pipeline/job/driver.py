@@ -36,7 +36,7 @@ from pipeline.job import report
 from pipeline.job.manifest import MANIFEST_NAME, Input, JobManifest, UsageError, discover, now_iso, one_line
 from pipeline.job.options import JobOptions
 from pipeline.job.outputs import NO_SPACE, OutOfSpace, tile_store, write_result
-from pipeline.job.pool import MAX_CALLS_PER_ACTOR, Call, Pool, init_ray, joins_cluster
+from pipeline.job.pool import MAX_CALLS_PER_ACTOR, Call, Pool, init_ray, joins_cluster, own_node_dying
 from pipeline.job.progress import Progress
 from pipeline.job.resume import Entry, Outcome, outputs, prepare
 from pipeline.work import fmt_gflop
@@ -50,8 +50,11 @@ class Interrupted(Exception):
     pass
 
 
-def run(opts: JobOptions) -> int:
-    """Run a whole job (the `dip restore` command, from Python). Returns the exit code."""
+def run(opts: JobOptions, *, owns_process: bool = False) -> int:
+    """Run a whole job (the `dip restore` command, from Python). Returns the exit code.
+
+    ``owns_process``: the caller is the `dip` command, whose process ends with the job. Stopped by SIGTERM
+    with a Ray instance of its own, it then ends the process itself, at once (:meth:`Driver.leaves_ray`)."""
     out = Path(opts.out)
     try:  # the job's own options must make a valid config (manifest rows are checked per row)
         opts.check()
@@ -78,10 +81,25 @@ def run(opts: JobOptions) -> int:
     if lock is None:
         print(f"dip: error: another dip restore is writing to {out} ({out / LOCK_NAME} is locked)", file=sys.stderr)
         return 2
+    driver = Driver(opts, out, items, owns_process=owns_process)
     try:
-        return Driver(opts, out, items).run()
+        rc = driver.run()
     finally:
         _unlock(out, lock)
+    if driver.left_ray:
+        _exit_now(rc)
+    return rc
+
+
+def _exit_now(rc: int) -> None:
+    """End the process with ``rc`` without Ray's exit hook (what it would wait on is gone): everything of the
+    job is written by now; only the standard streams and the log handlers are flushed."""
+    import os
+    logging.shutdown()
+    for f in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            f.flush()
+    os._exit(rc)
 
 
 def _lock(out: Path):
@@ -117,8 +135,11 @@ def _unlock(out: Path, lock) -> None:
 class Driver:
     """One run of a job over its inputs: see the module docstring."""
 
-    def __init__(self, opts: JobOptions, out: Path, items: list[Input]):
+    def __init__(self, opts: JobOptions, out: Path, items: list[Input], owns_process: bool = False):
         self.opts = opts
+        self.owns_process = owns_process
+        self.own_ray: str | None = None  # the address of the Ray instance this run started or joined
+        self.left_ray = False  # stopped with its own Ray left to die with the process (leaves_ray)
         self.out = out.resolve()
         self.items = items
         self.max_retries = max(0, int(opts.max_retries if opts.max_retries is not None else 3))
@@ -149,7 +170,7 @@ class Driver:
         run = self.manifest.start_run(argv=sys.argv, ray_address=None, device=None, actors=0,
                                       host=socket.gethostname(), options=_options_record(self.opts))
         self.bar = Progress(len(self.items), self.opts.quiet)
-        status, started_ray, error = "finished", False, None
+        status, error = "finished", None
         try:
             # what is already done is found before Ray starts: a rerun with nothing to do needs no worker
             local = expected_device(self.opts)
@@ -157,7 +178,7 @@ class Driver:
                 self.device = local
                 self.precheck()
             if self.feed or self.ready:
-                started_ray, address = self.start_workers(run)
+                self.start_workers(run)
                 self.loop()
         except (KeyboardInterrupt, Interrupted):
             status = "interrupted"
@@ -179,10 +200,12 @@ class Driver:
                     signal.signal(sig, handler)
             self.bar.close()
             self.close_run(run, status, error)
-            self.pool.shutdown()
-            if started_ray:
-                with contextlib.suppress(Exception):
-                    ray.shutdown()
+            self.left_ray = self.leaves_ray()
+            if not self.left_ray:
+                self.pool.shutdown()
+                if self.own_ray is not None:
+                    with contextlib.suppress(Exception):
+                        ray.shutdown()
         try:  # OUT/report.html (pipeline.job.report); a report failure never fails the job
             report.build(self.out)
         except Exception as e:  # noqa: BLE001
@@ -212,12 +235,29 @@ class Driver:
         if self.stop_signal is not None:
             raise Interrupted()
 
-    def start_workers(self, run: dict) -> tuple[bool, str]:
+    def leaves_ray(self) -> bool:
+        """Whether this run, of the `dip` command, stopped by SIGTERM, leaves the Ray instance it started
+        (``local``) to die with the process instead of shutting it down: when that instance's own
+        processes had the signal too (one of them has ended, :func:`~pipeline.job.pool.own_node_dying`).
+
+        A SIGTERM is often sent to a whole process group or cgroup (`timeout`, Slurm's scancel, systemd).
+        Ray's shutdown then waits seconds on its dying GCS, and when the GCS is gone first, Ray ends the
+        process with exit 1 ("Failed to connect to GCS within N seconds", seen in CI), after the run was
+        recorded as interrupted. What is left of the instance is bound to this process (Ray's fate sharing
+        kills it when this one ends), so the command ends at once. A SIGTERM to dip alone is shut down as
+        usual (Ray's agents would outlive a hard exit); a SIGINT never reaches Ray's processes (they block
+        it); a joined cluster is not ours."""
+        return (self.owns_process and self.stop_signal == signal.SIGTERM and self.own_ray == "local"
+                and own_node_dying())
+
+    def start_workers(self, run: dict) -> None:
         """Start or join Ray and the workers; the inputs prepared for another device are prepared again."""
         try:
             started_ray, address = init_ray(self.opts)
         except Exception as e:  # noqa: BLE001
             raise UsageError(f"cannot start or join Ray: {one_line(e)}") from None
+        if started_ray:
+            self.own_ray = address
         self.catch_signals()
         self.check_stop()
         self.pool.start(stopped=lambda: self.stop_signal is not None)
@@ -229,7 +269,6 @@ class Driver:
         self.device = self.pool.device
         self.t_ready = time.time()
         run.update(ray_address=address, device=self.device, actors=len(self.pool.workers))
-        return started_ray, address
 
     def precheck(self) -> None:
         """Prepare inputs until the first that needs a fit: what is done (or bad) ends here."""

@@ -96,6 +96,25 @@ def init_ray(opts: JobOptions) -> tuple[bool, str]:
     return True, address
 
 
+def own_node_dying(wait: float = 1.0) -> bool:
+    """Whether a process of the Ray instance this process started (its GCS, raylet, ...) has ended, or ends
+    within ``wait`` seconds: what a signal to the whole process group does to them. Ray has no public
+    call for this; its node object's ``dead_processes`` is read, and any change there reads as False (the
+    caller then shuts Ray down as usual). tests/test_cluster.py pins it with a real group signal."""
+    try:
+        import ray._private.worker as ray_worker
+        node = ray_worker._global_node
+        deadline = time.monotonic() + wait
+        while True:
+            if node is not None and node.dead_processes():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def plan_actors(opts: JobOptions) -> tuple[str, list[dict]]:
     """(device type, [actor resource specs]): one actor per GPU, else CPU actors sharing each node's cores."""
     import ray
